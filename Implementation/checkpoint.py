@@ -44,6 +44,9 @@ def atomic_save(obj, path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
