@@ -90,7 +90,26 @@ def _merge(base: dict, update: dict, where: str) -> None:
                 raise ConfigError(f"config key '{where}{key}' is a section, got {value!r}")
             _merge(base[key], value, f"{where}{key}.")
         else:
-            base[key] = value
+            base[key] = _coerce(base[key], value, f"{where}{key}")
+
+
+def _coerce(default, value, key: str):
+    """Give `value` the type of the default: '1e-3' (YAML reads it as a string) -> 0.001."""
+    if default is None or value is None or isinstance(default, (list, dict)):
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if isinstance(default, (int, float)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+        if isinstance(default, int) and number.is_integer():
+            return int(number)
+        return number
+    return str(value)
 
 
 def parse_override(text: str) -> dict:

@@ -80,10 +80,21 @@ class VOCSegmentation(torch.utils.data.Dataset):
     def label_path(self, i: int) -> Path:
         return self.label_dir / f"{self.ids[i]}.png"
 
+    def _require(self, path: Path, what: str) -> Path:
+        """`path`, or a DataError saying where it is expected and how to get it."""
+        if not path.is_file():
+            how = HOW_TO_GET
+            if self.label_dir.name == "SegmentationClassAug":
+                how = ("SegmentationClassAug/ is written by `python Implementation/datasets.py "
+                       "--root ROOT` from SBD's .mat files. " + HOW_TO_GET)
+            raise DataError(f"{what} not found: {path} (id {path.stem!r} of "
+                            f"{self.split}.txt). {how}")
+        return path
+
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, item)
-        image = load_image(self.image_path(i))
-        label = load_label(self.label_path(i), image.shape[:2],
+        image = load_image(self._require(self.image_path(i), "image"))
+        label = load_label(self._require(self.label_path(i), "label"), image.shape[:2],
                            self.num_classes if self.check_labels else None)
         size = tuple(image.shape[:2])
         if isinstance(self.transform, TrainTransform):
@@ -108,8 +119,9 @@ def read_sbd_mask(path: Path) -> np.ndarray:
         seg = np.asarray(mat["GTcls"].Segmentation)
     except Exception as e:
         raise DataError(f"cannot read SBD annotation {path}: {e}. Re-extract SBD's benchmark.tgz.") from e
-    if seg.ndim != 2 or seg.max(initial=0) > 255:
-        raise DataError(f"SBD annotation {path} is not an (H, W) map of class indices")
+    if seg.ndim != 2 or seg.min(initial=0) < 0 or seg.max(initial=0) > 255:
+        raise DataError(f"SBD annotation {path}: GTcls.Segmentation is not an (H, W) map of class "
+                        f"indices 0..255 (shape {seg.shape}); re-extract SBD's benchmark.tgz.")
     return seg.astype(np.uint8)
 
 
@@ -155,8 +167,11 @@ def build_train_aug(root, sbd_root, expect_real_counts: bool | None = None,
             if not mat.is_file():
                 raise DataError(f"{i} is in the SBD lists but {mat} is missing; re-extract SBD.")
             save_label_png(target, read_sbd_mask(mat))
-    with atomic_output(lists / "train_aug.txt") as tmp:
-        tmp.write_text("".join(f"{i}\n" for i in ids))
+    listing = "".join(f"{i}\n" for i in ids)
+    target = lists / "train_aug.txt"
+    if not target.is_file() or target.read_text() != listing:  # a rerun leaves it untouched
+        with atomic_output(target) as tmp:
+            tmp.write_text(listing)
     return {"train_aug": len(ids), "val": len(voc_val)}
 
 

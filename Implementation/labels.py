@@ -1,0 +1,185 @@
+"""PASCAL VOC classes, the VOC colour map, and reading/writing/checking images and label PNGs.
+
+Reading order:
+  VOC_CLASSES, IGNORE   the 21 class names (index = label value) and the void label 255
+  DataError             the one error type of the data layer: names the file, the problem, the fix
+  voc_palette           the VOC devkit colour map (bit-interleaving construction, 256 colours)
+  rgb_to_label          colour-rendered mask (H, W, 3) -> label indices, for masks saved as RGB
+  atomic_output         write to a temp file in the same folder, then rename: never half a file
+  save_label_png        label (H, W) uint8 -> palette ("P") PNG with the VOC colour map
+  load_label            label PNG -> (H, W) uint8, checked: single channel, size, values
+  load_image            any image PIL reads -> (H, W, 3) uint8 RGB, or a DataError naming the file
+
+VOC masks are palette PNGs whose pixel values are class indices 0..20, with 255 ("void") on
+object borders and unclear regions; 255 is ignored by the loss and the metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)
+IGNORE = 255
+
+# PIL errors that mean "this file is not a readable image" (UnidentifiedImageError is an OSError).
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class DataError(ValueError):
+    """Bad or missing data. The message names the file, says what is wrong and how to fix it."""
+
+
+def voc_palette() -> np.ndarray:
+    """The VOC devkit colour map (`VOClabelcolormap.m`): (256, 3) uint8.
+
+    The bits of the index are dealt out to R, G, B in turn, most significant bit first:
+    bit 0 -> R bit 7, bit 1 -> G bit 7, bit 2 -> B bit 7, bit 3 -> R bit 6, ...
+    Index 1 is (128, 0, 0), 15 (person) is (192, 128, 128), 255 (void) is (224, 224, 192).
+    """
+    palette = np.zeros((256, 3), np.uint8)
+    for index in range(256):
+        rgb = [0, 0, 0]
+        bits = index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((bits >> channel) & 1) << shift
+            bits >>= 3
+        palette[index] = rgb
+    return palette
+
+
+def rgb_to_label(rgb: np.ndarray, num_classes: int = len(VOC_CLASSES)) -> np.ndarray:
+    """Map a colour-rendered VOC mask (H, W, 3) back to label indices (H, W) uint8.
+
+    Known colours are those of classes 0..num_classes-1 and of void (255). Any other colour
+    raises a ValueError listing a few of them (a JPEG-compressed or resized colour mask has such
+    in-between colours and cannot be recovered exactly).
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb_to_label expects an (H, W, 3) colour image, got shape {rgb.shape}")
+    palette = voc_palette().astype(np.int64)
+    indices = list(range(num_classes)) + [IGNORE]
+    codes = {int((palette[i, 0] << 16) | (palette[i, 1] << 8) | palette[i, 2]): i for i in indices}
+    pixels = rgb.astype(np.int64)
+    pixel_codes = (pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2]
+    unique, inverse = np.unique(pixel_codes, return_inverse=True)
+    unknown = [int(c) for c in unique if int(c) not in codes]
+    if unknown:
+        shown = ", ".join(str(((c >> 16) & 255, (c >> 8) & 255, c & 255)) for c in unknown[:5])
+        raise ValueError(f"{len(unknown)} colour(s) are not VOC class colours, e.g. {shown}")
+    lookup = np.array([codes[int(c)] for c in unique], np.uint8)
+    return lookup[inverse.reshape(pixel_codes.shape)]
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temp path in `path`'s folder; on success rename it over `path`, else delete it.
+
+    A run killed mid-write leaves at most a hidden `.<name>.*.tmp` file, never a half `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_label_png(path, label: np.ndarray) -> Path:
+    """Write a (H, W) uint8 label as a palette PNG with the VOC colour map, atomically."""
+    label = np.asarray(label)
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise ValueError(f"a label must be a (H, W) uint8 array, got {label.dtype} {label.shape}")
+    image = Image.fromarray(np.ascontiguousarray(label))  # mode "L"
+    image.putpalette(voc_palette().tobytes())             # "L" + palette -> "P"
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def _open(path, what: str) -> Image.Image:
+    """Open and fully decode an image file, or raise a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now: truncated or corrupt files fail here, not later
+    except _READ_ERRORS as e:
+        raise DataError(f"cannot read {what} {path}: {e}. The file is corrupt, truncated or not "
+                        "an image; re-extract or re-create it.") from e
+    return image
+
+
+def load_label(path, image_size=None, num_classes: int | None = len(VOC_CLASSES)) -> np.ndarray:
+    """Read a label PNG as (H, W) uint8 and check it.
+
+    The mask must be single-channel 8-bit ("P" palette or "L" grayscale), of `image_size`
+    (H, W) when given, with values in 0..num_classes-1 or 255. `num_classes=None` skips the
+    value check. Anything else is a DataError naming the file, the problem and the fix.
+    """
+    path = Path(path)
+    image = _open(path, "label")
+    if image.mode in ("RGB", "RGBA"):
+        raise DataError(
+            f"label {path} is a {image.mode} colour image; labels must be single-channel PNGs whose "
+            "pixel values are class indices. It looks like a colour-rendered mask: convert it to a "
+            "palette PNG by mapping each VOC colour to its index, e.g. "
+            "save_label_png(path, rgb_to_label(np.asarray(Image.open(path).convert('RGB')))) "
+            "with labels.py's helpers.")
+    if image.mode not in ("P", "L"):
+        raise DataError(
+            f"label {path} has PIL mode {image.mode!r}; labels must be single-channel 8-bit PNGs "
+            "(mode 'P' or 'L') holding class indices 0..20 and 255. Re-save it as 8-bit, e.g. with "
+            "labels.save_label_png.")
+    label = np.array(image, dtype=np.uint8)
+    if image_size is not None and label.shape != tuple(image_size):
+        (h, w), (ih, iw) = label.shape, image_size
+        raise DataError(f"label {path} is {w}x{h} (WxH) but its image is {iw}x{ih}; a label must "
+                        "match its image pixel for pixel. Was the mask resized or paired with "
+                        "the wrong image?")
+    if num_classes is not None:
+        bad = (label >= num_classes) & (label != IGNORE)
+        if bad.any():
+            values = np.unique(label[bad]).tolist()
+            raise DataError(f"label {path} holds values {values[:10]} outside 0..{num_classes - 1} "
+                            f"and {IGNORE} (void). Check num_classes ({num_classes}) and how the "
+                            "mask was made; map other values to 255 to ignore them.")
+    return label
+
+
+def load_image(path) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB with PIL (as torchvision does).
+
+    Grayscale and palette images are expanded to RGB, alpha is dropped, 16-bit grayscale is
+    scaled to 8 bit (value * 255 / 65535, rounded). A missing, corrupt or unreadable file is a
+    DataError naming it.
+    """
+    path = Path(path)
+    image = _open(path, "image")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image).astype(np.float64)
+        if image.mode == "I" and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"image {path} holds 32-bit values outside 0..65535; save it as an "
+                            "8-bit RGB JPEG or PNG.")
+        gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        raise DataError(f"image {path} is a floating-point image; save it as an 8-bit RGB JPEG or "
+                        "PNG.")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
