@@ -1,0 +1,103 @@
+"""The logit cache: the network's output for each image, saved once so the CRF, the CRF
+parameter search and later scoring runs never recompute the network.
+
+One file per image, `<cache_dir>/<image_id>.npz`, holding
+    logits      float16 (C, h, w): the MSC-fused logits at output stride 8 (65x65 for VOC's 513)
+    input_size  (H', W'): the size of the (possibly padded) tensor that went into the network
+    size        (H, W): the original image size (H <= H', W <= W')
+About 180 kB per VOC image (21 x 65 x 65 x 2 bytes). Files are written atomically (temp file,
+then rename), so an interrupted run never leaves half a file behind.
+
+`full_resolution_logits` is the one place that turns cached logits into full-resolution scores:
+upsample to the network's input size (Caffe's Interp, align_corners=True: 65 -> 513 is exactly
+Caffe's zoom x8) and crop the top-left image area (the evaluation pads bottom/right).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import resize
+
+
+class LogitCacheError(RuntimeError):
+    """A cache file that is missing, unreadable or inconsistent."""
+
+
+def cache_path(cache_dir, image_id: str) -> Path:
+    return Path(cache_dir) / f"{image_id}.npz"
+
+
+def cached_ids(cache_dir) -> list[str]:
+    """Sorted ids of every image in a cache folder."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise LogitCacheError(f"logit cache folder not found: {cache_dir}. Fill it first by "
+                              "running `python Implementation/evaluate.py` with this cache folder.")
+    return sorted(p.stem for p in cache_dir.glob("*.npz"))
+
+
+def _pair(value, name) -> tuple[int, int]:
+    pair = tuple(int(v) for v in np.asarray(value).reshape(-1))
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} must be (height, width) of positive ints, got {value!r}")
+    return pair
+
+
+def save_logits(path, logits, input_size, size) -> Path:
+    """Write one image's logits (C, h, w; torch or numpy) as float16, atomically."""
+    if hasattr(logits, "detach"):
+        logits = logits.detach().cpu().float().numpy()
+    logits = np.asarray(logits)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (C, h, w), got shape {logits.shape}")
+    input_size, size = _pair(input_size, "input_size"), _pair(size, "size")
+    if size[0] > input_size[0] or size[1] > input_size[1]:
+        raise ValueError(f"image size {size} is larger than the network input size {input_size}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, logits=logits.astype(np.float16), input_size=np.array(input_size),
+                     size=np.array(size))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_logits(path) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """(logits float32 (C, h, w), input_size (H', W'), size (H, W)) from one cache file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LogitCacheError(f"cached logits not found: {path}. Compute them by running "
+                              "`python Implementation/evaluate.py` with the cache folder "
+                              f"{path.parent}.")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            logits, input_size, size = data["logits"], data["input_size"], data["size"]
+        input_size, size = _pair(input_size, "input_size"), _pair(size, "size")
+        if logits.ndim != 3:
+            raise ValueError(f"logits have shape {logits.shape}, expected (C, h, w)")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise LogitCacheError(f"corrupt logit cache file {path} ({type(e).__name__}: {e}). "
+                              "Delete it and run evaluate.py again to recompute it.") from e
+    return torch.from_numpy(logits.astype(np.float32)), input_size, size
+
+
+def full_resolution_logits(logits, input_size, size, interp: str = "caffe") -> torch.Tensor:
+    """Upsample (C, h, w) logits to the network input size and crop the image: (C, H, W)."""
+    logits = torch.as_tensor(logits).float()
+    input_size, size = _pair(input_size, "input_size"), _pair(size, "size")
+    if size[0] > input_size[0] or size[1] > input_size[1]:
+        raise ValueError(f"image size {size} is larger than the network input size {input_size}")
+    full = resize(logits[None], input_size, interp)[0]
+    return full[:, :size[0], :size[1]].contiguous()
