@@ -1,0 +1,159 @@
+"""Dense CRF mean-field inference in plain PyTorch: the `--backend torch` of crf.py.
+
+The same model as pydensecrf's `DenseCRF2D` with one Gaussian and one bilateral kernel (Krähenbühl
+& Koltun 2011), Potts compatibility and mean-field updates, on any torch device:
+
+    Q <- softmax(-U)
+    repeat: Q <- softmax(-U + sum_k w_k * message_k(Q))     (Potts: mu(l, l') = -w_k [l = l'])
+    message_k(Q) = normalised Gaussian filtering of Q over the kernel's features
+    Gaussian features (x, y) / pos_xy_std;  bilateral (x, y) / bi_xy_std, (r, g, b) / bi_rgb_std
+
+Each kernel's filter is a permutohedral lattice (permutohedral.py), built once per image. The
+normalisation follows pydensecrf, with n = the lattice filtering of ones:
+    "after"      message = filter(Q) / n                 (Krähenbühl 2011; DeepLab's CRF binary)
+    "symmetric"  message = filter(Q / sqrt(n)) / sqrt(n)  (pydensecrf's default, the 2013 code)
+    "before"     message = filter(Q / n);    "none"  message = filter(Q)
+The filter includes each pixel itself, as pydensecrf's does; labels agree with pydensecrf's
+up to float rounding.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from permutohedral import PermutohedralLattice
+
+NORMALIZATIONS = ("after", "symmetric", "before", "none")
+_EXP_SAFE = 64.0        # exp(64) * labels stays far below float32's maximum (3.4e38)
+
+
+def kernel_features(height: int, width: int, xy_std: float, image: Optional[Tensor] = None,
+                    rgb_std: float = 1.0, device=None) -> Tensor:
+    """(H*W, 2 or 5) float32 features, pixels row-major, as DenseCRF2D builds them:
+    (x, y) / xy_std, then (r, g, b) / rgb_std when an (H, W, 3) image is given."""
+    if xy_std <= 0 or (image is not None and rgb_std <= 0):
+        raise ValueError(f"kernel standard deviations must be > 0, got xy {xy_std}, rgb {rgb_std}")
+    dev = image.device if image is not None else device
+    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=dev),
+                          torch.arange(width, dtype=torch.float32, device=dev), indexing="ij")
+    xy = torch.tensor(xy_std, dtype=torch.float32, device=dev)     # the C++ divides by a float
+    columns = [x.reshape(-1) / xy, y.reshape(-1) / xy]
+    if image is not None:
+        rgb = image.reshape(-1, 3).float() / torch.tensor(rgb_std, dtype=torch.float32, device=dev)
+        columns += [rgb[:, 0], rgb[:, 1], rgb[:, 2]]
+    return torch.stack(columns, 1)
+
+
+class PairwiseKernel:
+    """One Potts-weighted, normalised Gaussian kernel on a permutohedral lattice.
+
+    The per-pixel normalisation and the Potts weight are folded once into the splat and slice
+    matrices, so `add_message(energy, Q)` is one sparse product (splat), d+1 (blur) and one
+    fused sparse multiply-add (slice) into `energy`."""
+
+    def __init__(self, features: Tensor, weight: float, normalization: str):
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        lattice = PermutohedralLattice(features)
+        ones = torch.ones(features.shape[0], 1, dtype=torch.float32, device=features.device)
+        norm = lattice.filter(ones)[:, 0].double()             # the C++ normalises in double
+        before = after = None
+        if normalization == "symmetric":
+            before = after = (1.0 / torch.sqrt(norm + 1e-20)).float()
+        elif normalization == "after":
+            after = (1.0 / (norm + 1e-20)).float()
+        elif normalization == "before":
+            before = (1.0 / (norm + 1e-20)).float()
+        after = ones[:, 0] * weight if after is None else after * weight
+        self.splat = lattice.splat_matrix(before)
+        self.blur = lattice.blur_matrices()
+        self.slice = lattice.slice_matrix(after)
+        self._buffers = None
+
+    def add_message(self, energy: Tensor, q: Tensor) -> Tensor:
+        """energy (N, C) += weight * normalised filter of q (N, C), in place."""
+        if self._buffers is None or self._buffers[0].shape[1] != q.shape[1]:
+            shape = (self.splat.shape[0], q.shape[1])
+            self._buffers = [torch.zeros(shape, dtype=q.dtype, device=q.device) for _ in range(2)]
+        a, b = self._buffers
+        # out= with beta=0: MKL / cuSPARSE write straight into a reused buffer, no extra copy
+        lattice = torch.addmm(a, self.splat, q, beta=0, out=a)
+        for step in self.blur:
+            lattice, b = torch.addmm(b, step, lattice, beta=0, out=b), lattice
+        return energy.addmm_(self.slice, lattice)
+
+
+def _as_tensor(x, name: str, device) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def dense_crf(image, unary, iterations: int = 10, bi_w: float = 4.0, bi_xy_std: float = 67.0,
+              bi_rgb_std: float = 3.0, pos_w: float = 3.0, pos_xy_std: float = 1.0,
+              normalization: str = "after", device="cpu",
+              callback: Optional[Callable[[int, Tensor], None]] = None):
+    """Mean-field marginals Q (C, H, W) of the dense CRF after `iterations` updates.
+
+    image: (H, W, 3) uint8 RGB; unary: (C, H, W) float energies (-log probabilities), the
+    layout pydensecrf's `setUnaryEnergy` takes after reshaping to (C, H*W). Numpy in ->
+    float32 numpy out, equal to `np.array(d.inference(iterations)).reshape(C, H, W)` of
+    pydensecrf up to float rounding; a tensor unary -> a tensor on its device (`device` is
+    then ignored). callback(iteration, Q (C, H, W) tensor), if given, sees the initial
+    softmax(-U) as iteration 0 and Q after every update 1..iterations (e.g. for figures).
+    """
+    as_numpy = not isinstance(unary, Tensor)
+    dev = torch.device(device) if as_numpy else unary.device
+    img = _as_tensor(image, "image", dev)
+    u = _as_tensor(unary, "unary", dev)
+    if img.dim() != 3 or img.shape[2] != 3 or img.dtype != torch.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {tuple(img.shape)} {img.dtype}")
+    if u.dim() != 3 or tuple(u.shape[1:]) != tuple(img.shape[:2]) or u.shape[0] == 0:
+        raise ValueError(f"unary must be (C, H, W) with (H, W) = the image's {tuple(img.shape[:2])}, "
+                         f"got {tuple(u.shape)}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    c, h, w = u.shape
+    kernels = []                                   # a zero weight adds nothing: skip it
+    if pos_w != 0:
+        features = kernel_features(h, w, pos_xy_std, device=dev)
+        kernels.append(PairwiseKernel(features, pos_w, normalization))
+    if bi_w != 0:
+        features = kernel_features(h, w, bi_xy_std, img, bi_rgb_std)
+        kernels.append(PairwiseKernel(features, bi_w, normalization))
+
+    # Softmax as exp(energy - shift) / sum with a per-pixel shift fixed once, max(-U): safe
+    # while no message can reach +-_EXP_SAFE. A message has the weight's sign and at most
+    # |weight| * after * filter(before) (filter(Q) <= filter(1): the lattice weights are >= 0).
+    neg_unary = -u.float().reshape(c, h * w).t().contiguous()          # (N, C)
+    neg_unary -= neg_unary.amax(1, keepdim=True)
+    ones = torch.ones(h * w, 1, dtype=torch.float32, device=dev)
+    bound = sum((k.add_message(torch.zeros_like(ones), ones).abs() for k in kernels),
+                torch.zeros_like(ones))
+    fast_softmax = bool(bound.max() < _EXP_SAFE)
+
+    def normalise(energy: Tensor) -> Tensor:
+        if not fast_softmax:
+            return torch.softmax(energy, 1)
+        energy = energy.exp_()
+        return energy.div_(energy.sum(1, keepdim=True))
+
+    q = normalise(neg_unary.clone())
+    if callback is not None:
+        callback(0, q.t().reshape(c, h, w))
+    for it in range(1, iterations + 1):
+        energy = neg_unary.clone()
+        for kernel in kernels:
+            kernel.add_message(energy, q)
+        q = normalise(energy)
+        if callback is not None:
+            callback(it, q.t().reshape(c, h, w))
+    q = q.t().reshape(c, h, w).contiguous()
+    return q.cpu().numpy() if as_numpy else q
