@@ -5,7 +5,7 @@ Reading order:
   DataError             the one error type of the data layer: names the file, the problem, the fix
   voc_palette           the VOC devkit colour map (bit-interleaving construction, 256 colours)
   rgb_to_label          colour-rendered mask (H, W, 3) -> label indices, for masks saved as RGB
-  atomic_output         write to a temp file in the same folder, then rename: never half a file
+  atomic_output         (from atomic.py) temp file + rename: never half a file
   save_label_png        label (H, W) uint8 -> palette ("P") PNG with the VOC colour map
   load_label            label PNG -> (H, W) uint8, checked: single channel, size, values
   load_image            any image PIL reads -> (H, W, 3) uint8 RGB, or a DataError naming the file
@@ -15,13 +15,13 @@ object borders and unclear regions; 255 is ignored by the loss and the metrics.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from atomic import atomic_output  # noqa: F401  (re-exported: datasets, demo_data use it)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -79,25 +79,6 @@ def rgb_to_label(rgb: np.ndarray, num_classes: int = len(VOC_CLASSES)) -> np.nda
         raise ValueError(f"{len(unknown)} colour(s) are not VOC class colours, e.g. {shown}")
     lookup = np.array([codes[int(c)] for c in unique], np.uint8)
     return lookup[inverse.reshape(pixel_codes.shape)]
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yield a temp path in `path`'s folder; on success rename it over `path`, else delete it.
-
-    A run killed mid-write leaves at most a hidden `.<name>.*.tmp` file, never a half `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_label_png(path, label: np.ndarray) -> Path:

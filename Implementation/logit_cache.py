@@ -14,14 +14,13 @@ Caffe's zoom x8) and crop the top-left image area (the evaluation pads bottom/ri
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from atomic import atomic_output
 from model import resize
 
 
@@ -60,17 +59,9 @@ def save_logits(path, logits, input_size, size) -> Path:
     if size[0] > input_size[0] or size[1] > input_size[1]:
         raise ValueError(f"image size {size} is larger than the network input size {input_size}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, logits=logits.astype(np.float16), input_size=np.array(input_size),
-                     size=np.array(size))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, logits=logits.astype(np.float16), input_size=np.array(input_size),
+                 size=np.array(size))
     return path
 
 
