@@ -15,7 +15,6 @@ object borders and unclear regions; 255 is ignored by the loss and the metrics.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
