@@ -330,6 +330,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Flush denormals to zero before torch starts its worker threads (they inherit the flag):
+    # softmax gradients of classes a model has learned to rule out underflow into denormals,
+    # which made late CPU iterations of the demo ~3x slower. Changes nothing above 1e-38.
+    torch.set_flush_denormal(True)
     try:
         resume = None
         if args.resume:
