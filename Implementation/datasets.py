@@ -28,7 +28,7 @@ from labels import DataError, atomic_output, load_image, load_label, save_label_
 from transforms import EvalTransform, TrainTransform, normalize
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
-SBD_URL = ("http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/"
+SBD_URL = ("https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/"
            "benchmark.tgz")
 REAL_COUNTS = {"train": 1464, "val": 1449, "train_aug": 10582}
 HOW_TO_GET = (f"Run `python Implementation/datasets.py --download --root ROOT` (torchvision's "
@@ -176,13 +176,22 @@ def build_train_aug(root, sbd_root, expect_real_counts: bool | None = None,
 
 
 def download(root) -> dict:
-    """Fetch VOC 2012 and SBD with torchvision's own download code, then build train_aug."""
+    """Fetch VOC 2012 and SBD with torchvision's own download code, then build train_aug.
+
+    A data set already in place is not fetched again: torchvision would re-extract the 2 GB VOC
+    tar, and its SBD code fails when SBD's folders already exist (it moves them into place)."""
     import torchvision
     root = Path(root)
-    torchvision.datasets.VOCSegmentation(str(root), year="2012", image_set="train", download=True)
-    torchvision.datasets.SBDataset(str(root / "SBD"), image_set="train", mode="segmentation",
-                                   download=True)
-    return build_train_aug(root, root / "SBD")
+    base, sbd = voc_dir(root), root / "SBD"
+    if not ((base / "JPEGImages").is_dir() and (base / "SegmentationClass").is_dir()
+            and (base / "ImageSets" / "Segmentation" / "val.txt").is_file()):
+        torchvision.datasets.VOCSegmentation(str(root), year="2012", image_set="train",
+                                             download=True)
+    if not ((sbd / "cls").is_dir() and (sbd / "train.txt").is_file()
+            and (sbd / "val.txt").is_file()):
+        torchvision.datasets.SBDataset(str(sbd), image_set="train", mode="segmentation",
+                                       download=True)
+    return build_train_aug(root, sbd)
 
 
 def main(argv=None) -> int:

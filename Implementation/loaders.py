@@ -86,14 +86,27 @@ def train_loader(dataset, batch_size: int, seed: int, start: int = 0, num_worker
     return iter(loader)
 
 
+class ShardSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler for evaluation: rank r takes indices r, r + W, r + 2W, ... in order,
+    with no padding. (The stock sampler repeats images so that every rank gets the same count,
+    which would count those images twice in a merged confusion matrix.)"""
+
+    def __init__(self, dataset, rank: int, world_size: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        self.indices = list(range(rank, len(dataset), world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
 def eval_loader(dataset, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Batch size 1 in dataset order (under DDP each rank takes its share, without padding
-    duplicates: the DistributedSampler's `drop_last` is off, so the last ranks may repeat one
-    image; callers that merge confusion matrices should evaluate on rank 0 only or dedupe ids)."""
-    sampler = None
-    if world_size > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    """Batch size 1 in dataset order; each item is the dataset's own dict (no batch dimension,
+    "size" a plain (H, W) tuple). Under DDP rank r evaluates images r, r + W, ... (ShardSampler):
+    every image exactly once over all ranks, so summed confusion matrices count each once."""
+    sampler = ShardSampler(dataset, rank, world_size) if world_size > 1 else None
     return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=num_workers,
                       collate_fn=_first, worker_init_fn=worker_init_fn)
 

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+# As train.py does: flush denormals before torch starts its threads (they inherit the flag);
+# training steps that drive some softmax probabilities to ~1e-40 are otherwise several times slower.
+torch.set_flush_denormal(True)
+# One intra-op thread: the tests run mostly tiny models, whose many small parallel regions stall
+# for whole scheduler slices when another process holds the second core (10-40x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

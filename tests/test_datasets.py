@@ -393,6 +393,9 @@ def test_download_uses_torchvision_then_builds_train_aug(tmp_path, monkeypatch):
     assert calls == [("voc", str(root), "2012", "train", True),
                      ("sbd", str(root / "SBD"), "train", "segmentation", True)]
     check_train_aug(root, voc_labels, sbd_labels)
+    calls.clear()  # a second --download finds both data sets in place and fetches nothing
+    assert datasets.download(root) == {"train_aug": 6, "val": 2} and calls == []
+    check_train_aug(root, voc_labels, sbd_labels)
 
 
 def test_cli(tmp_path, capsys):
