@@ -1,0 +1,220 @@
+"""inference.py: BN folding, the Predictor (checkpoint settings, VOC protocol, bf16, channels_last)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoint import atomic_save, make_checkpoint
+from config import DEFAULTS
+from inference import (Predictor, bf16_supported, class_names, fold_frozen_bn, select_device,
+                       state_dict_digest)
+from model import MSC, ConvBN, DeepLabV2, FrozenBatchNorm2d
+from transforms import CAFFE_MEAN_BGR
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and OpenMP spinning on a shared 2-core machine
+    makes two threads slower by 10-100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_net(seed=0, num_classes=5, **kw):
+    """A tiny DeepLab v2 with non-trivial BN statistics and affine parameters."""
+    torch.manual_seed(seed)
+    net = DeepLabV2(num_classes=num_classes, depth=14, width=8, **kw).eval()
+    for m in net.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.3, 3.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    return net
+
+
+def save_tiny_checkpoint(path, net, **extra):
+    return atomic_save(make_checkpoint(net.arch, net.state_dict(), **extra), path)
+
+
+# --- BN folding ------------------------------------------------------------------------------
+
+def test_fold_frozen_bn_matches_unfolded_model():
+    net = tiny_net()
+    folded = fold_frozen_bn(net)
+    x = torch.randn(2, 3, 65, 49) * 40
+    with torch.no_grad():
+        ref, out = net(x), folded(x)
+    rel = (out - ref).abs().max() / ref.abs().max()
+    assert rel < 1e-4
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    # every BN is gone from the copy, none from the original
+    units = [m for m in folded.modules() if isinstance(m, ConvBN)]
+    assert units and all(isinstance(m.bn, torch.nn.Identity) and m.conv.bias is not None
+                         for m in units)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in net.modules()) == len(units)
+
+
+def test_folded_conv_equals_the_bn_formula_written_out():
+    """One ConvBN: the folded conv equals gamma * (conv(x) - mean) / sqrt(var + eps) + beta."""
+    torch.manual_seed(1)
+    unit = ConvBN(4, 6, 3, stride=2, dilation=2).eval()
+    bn = unit.bn
+    bn.running_mean.normal_(0, 1)
+    bn.running_var.uniform_(0.2, 4)
+    bn.weight.data.normal_(1, 0.5)
+    bn.bias.data.normal_(0, 1)
+    x = torch.randn(3, 4, 11, 13)
+    with torch.no_grad():
+        y = F.conv2d(x, unit.conv.weight, None, 2, 2, 2)
+        expect = ((y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var + bn.eps)[:, None, None]
+                  * bn.weight[:, None, None] + bn.bias[:, None, None])
+        got = fold_frozen_bn(unit)(x)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_ignores_train_mode_of_unfrozen_bn():
+    """Trainable BN (training from scratch) folds its running statistics: equal to eval mode."""
+    net = tiny_net(frozen_bn=False)
+    net.train()
+    folded = fold_frozen_bn(net)
+    assert not folded.training
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        ref = net.eval()(x)
+        torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-5)
+
+
+# --- the Predictor ----------------------------------------------------------------------------
+
+def test_predictor_matches_the_eval_pipeline_written_out(tmp_path):
+    """predict() = pad with the mean to 65 (caffe norm), MSC max over 1, 0.75, 0.5 with Caffe
+    Interp, upsample x8 with align_corners, crop: recomputed here from the unfolded network."""
+    net = tiny_net()
+    ckpt = save_tiny_checkpoint(tmp_path / "c.pth", net, trained_on="train_aug")
+    pred = Predictor(ckpt, device="cpu")
+    assert pred.msc_scales == tuple(DEFAULTS["model"]["msc_scales"])
+    assert pred.interp == "caffe" and pred.norm == "caffe" and pred.num_classes == 5
+    assert pred.identity.startswith("sha256:")
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 57, 3), dtype=np.uint8)
+    labels, logits = pred.predict(image, mode="voc", pad_to=65)
+
+    x = torch.zeros(1, 3, 65, 65)
+    bgr = image[:, :, ::-1].astype(np.float32) - np.array(CAFFE_MEAN_BGR, np.float32)
+    x[0, :, :40, :57] = torch.from_numpy(bgr.transpose(2, 0, 1).copy())
+    with torch.no_grad():
+        y1 = net(x)                                                   # 9x9
+        y75 = net(F.interpolate(x, size=(49, 49), mode="bilinear", align_corners=True))
+        y50 = net(F.interpolate(x, size=(33, 33), mode="bilinear", align_corners=True))
+        up = lambda t, s: F.interpolate(t, size=s, mode="bilinear", align_corners=True)
+        fused = torch.max(torch.max(y1, up(y75, (9, 9))), up(y50, (9, 9)))
+        full = up(fused, (65, 65))[0, :, :40, :57]
+    assert logits.shape == (5, 40, 57) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+    assert labels.dtype == np.uint8 and labels.shape == (40, 57)
+    assert (labels == full.argmax(0).numpy()).mean() > 0.999
+
+
+def test_predictor_reads_settings_from_the_checkpoint(tmp_path):
+    net = tiny_net()
+    cfg = {"model": {"msc_scales": [0.5], "interp": "pytorch"}, "data": {"norm": "caffe"}}
+    ckpt = save_tiny_checkpoint(tmp_path / "c.pth", net, config=cfg, input_norm="imagenet")
+    pred = Predictor(ckpt, device="cpu")
+    assert pred.msc_scales == (0.5,) and pred.interp == "pytorch" and pred.norm == "imagenet"
+    assert isinstance(pred.model, MSC) and pred.model.scales == (0.5,)
+    single = Predictor(ckpt, device="cpu", msc_scales=(), norm="caffe")
+    assert isinstance(single.model, DeepLabV2) and single.norm == "caffe"
+    # full-image mode: no padding, logits at (H-1)//8+1
+    image = np.full((30, 45, 3), 128, np.uint8)
+    x, size = single.transform("full")(image)
+    assert single.logits(x).shape == (5, 4, 6) and size == (30, 45)
+    labels, logits = single.predict(image, mode="full")
+    assert labels.shape == (30, 45) and logits.shape == (5, 30, 45)
+
+
+def test_predictor_copies_a_model_and_keeps_its_msc_settings():
+    net = tiny_net()
+    msc = MSC(net, scales=(0.75,), interp="pytorch").train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    pred = Predictor(msc, device="cpu")
+    assert pred.msc_scales == (0.75,) and pred.interp == "pytorch"
+    assert msc.training  # untouched
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in net.modules())
+    assert pred.identity == "weights:" + state_dict_digest(net)
+    # a bare DeepLabV2 gets the paper's MSC
+    assert Predictor(net, device="cpu").msc_scales == tuple(DEFAULTS["model"]["msc_scales"])
+
+
+def test_folding_and_channels_last_keep_the_logits():
+    net = tiny_net()
+    x = torch.randn(2, 3, 65, 65) * 40
+    plain = Predictor(net, device="cpu", fold_bn=False, channels_last=False).logits(x)
+    fast = Predictor(net, device="cpu", fold_bn=True, channels_last=True).logits(x)
+    assert plain.shape == (2, 5, 9, 9) and plain.is_contiguous()
+    assert ((fast - plain).abs().max() / plain.abs().max()) < 1e-4
+    assert torch.equal(fast.argmax(1), plain.argmax(1))
+
+
+def test_bf16_agrees_with_fp32_on_99_percent_of_pixels():
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX)")
+    net = tiny_net(seed=0)
+    x = torch.randn(2, 3, 129, 129) * 50
+    fp32 = Predictor(net, device="cpu", precision="fp32")
+    bf16 = Predictor(net, device="cpu", precision="bf16", channels_last=True)
+    assert bf16.precision == "bf16"
+    a, b = fp32.logits(x), bf16.logits(x)
+    assert b.dtype == torch.float32
+    assert not torch.equal(a, b)  # bf16 really ran
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
+
+
+def test_bf16_falls_back_to_fp32_with_a_warning(monkeypatch):
+    import inference
+    monkeypatch.setattr(inference, "bf16_supported", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="bf16 is not supported"):
+        pred = Predictor(tiny_net(), device="cpu", precision="bf16")
+    assert pred.precision == "fp32"
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="precision"):
+        Predictor(tiny_net(), device="cpu", precision="fp16")
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            select_device("cuda")
+
+
+def test_class_names():
+    assert class_names(3) == ["background", "aeroplane", "bicycle"]
+    assert class_names(23)[-2:] == ["21", "22"]
+
+
+def test_in_memory_identity_changes_with_the_weights():
+    a, b = tiny_net(seed=0), tiny_net(seed=0)
+    assert state_dict_digest(a) == state_dict_digest(b)
+    with torch.no_grad():
+        b.aspp.c0.bias[0] += 1e-3
+    assert state_dict_digest(a) != state_dict_digest(b)
+
+
+def test_inplace_activations_give_the_same_numbers():
+    from inference import InplaceBottleneck, InplaceResNet, use_inplace_activations
+    import copy
+    net = tiny_net()
+    fast = use_inplace_activations(copy.deepcopy(net))
+    assert isinstance(fast.backbone, InplaceResNet)
+    assert all(isinstance(b, InplaceBottleneck) for b in fast.backbone.res3)
+    assert list(fast.state_dict()) == list(net.state_dict())
+    x = torch.randn(1, 3, 41, 41) * 30
+    with torch.inference_mode():
+        assert torch.equal(fast(x), net(x))
