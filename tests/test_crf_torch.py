@@ -12,15 +12,6 @@ from crf_torch import dense_crf, kernel_features
 from permutohedral import PermutohedralLattice
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small sparse products: one thread is fastest and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def scene(h, w, c, seed=0, noise=1.5):
     """(image (H, W, 3) uint8, unary (C, H, W) float32): ellipses of random labels, each label
     a colour plus noise; unary = -log softmax of blurred noisy one-hot logits (clip 1e-5)."""

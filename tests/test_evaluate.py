@@ -20,15 +20,6 @@ NUM_CLASSES = 5
 VAL_IDS = ["val_0000", "val_0001", "val_0002"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP spinning on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), num_train=2, num_val=3,

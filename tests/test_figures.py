@@ -23,15 +23,6 @@ TINY_ARCH = dict(num_classes=21, depth=14, width=8)
 PAD_TO = 49
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP spinning on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A complete demo-style run folder: 3 training iterations of a ResNet-14 of width 8 on a
@@ -47,16 +38,11 @@ def tiny_run(tmp_path_factory):
         "run": {"out": str(tmp / "runs"), "name": "demo-tiny"},
     }
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train.main(["--config", str(tmp / "tiny.yaml")]) == 0
-        run = tmp / "runs" / "demo-tiny"
-        evaluate.evaluate(run / "checkpoints" / "final.pth", tmp / "demo", split="val",
-                          out_dir=run / "eval_val", pad_to=PAD_TO, crf=True, crf_workers=1,
-                          device="cpu", show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    assert train.main(["--config", str(tmp / "tiny.yaml")]) == 0
+    run = tmp / "runs" / "demo-tiny"
+    evaluate.evaluate(run / "checkpoints" / "final.pth", tmp / "demo", split="val",
+                      out_dir=run / "eval_val", pad_to=PAD_TO, crf=True, crf_workers=1,
+                      device="cpu", show_progress=False)
     return run
 
 

@@ -13,16 +13,6 @@ from model import MSC, ConvBN, DeepLabV2, FrozenBatchNorm2d
 from transforms import CAFFE_MEAN_BGR
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spinning on a shared 2-core machine
-    makes two threads slower by 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net(seed=0, num_classes=5, **kw):
     """A tiny DeepLab v2 with non-trivial BN statistics and affine parameters."""
     torch.manual_seed(seed)
