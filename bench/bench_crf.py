@@ -20,6 +20,7 @@ wall-clock numbers: the load average before and after each run is recorded with 
 """
 from __future__ import annotations
 
+from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
 import argparse
 import json
 import os
@@ -155,10 +156,7 @@ def main(argv=None) -> dict:
                   f"{100 * r.get('efficiency_wall', float('nan')):>10.1f}%"
                   f"{100 * r.get('efficiency_steady', float('nan')):>12.1f}%"
                   f"{100 * r.get('efficiency_cpu', float('nan')):>9.1f}%")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

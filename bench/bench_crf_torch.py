@@ -21,6 +21,7 @@ on a shared machine skews the times; the load average is recorded with them.
 """
 from __future__ import annotations
 
+from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
 import argparse
 import json
 import os
@@ -174,10 +175,7 @@ def main(argv=None) -> dict:
         line += (f"{100 * r['agreement_after']:>12.3f}%{100 * r['agreement_symmetric']:>10.3f}%"
                  f"{max(r['max_abs_dq_after'], r['max_abs_dq_symmetric']):>10.1e}")
         print(line)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ the machine and the load average at the start and end (other processes slow ever
 """
 from __future__ import annotations
 
+from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
 import argparse
 import itertools
 import json
@@ -136,10 +137,7 @@ def main(argv=None) -> dict:
         print(f"{row['workers']:>8}{b['img_per_s_steady']:>14.1f}"
               f"{row['median_img_per_s_steady']:>9.1f}{b['img_per_s_overall']:>15.1f}"
               f"{b['startup_s']:>11.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":
