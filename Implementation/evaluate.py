@@ -164,7 +164,6 @@ def evaluate(checkpoint_or_model, data_root, split: str = "val", out_dir=None, m
         out_dir = default_out_dir(checkpoint_or_model, split)
     out_dir = Path(out_dir)
     cache_dir = out_dir / "logits"
-    cache_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(crf_params, (str, Path)):
         crf_params = CRFParams.from_json(crf_params)
     elif isinstance(crf_params, dict):
@@ -183,6 +182,7 @@ def evaluate(checkpoint_or_model, data_root, split: str = "val", out_dir=None, m
     indices = list(range(len(dataset)))[:limit] if limit is not None else list(range(len(dataset)))
     source = (str(checkpoint_or_model) if isinstance(checkpoint_or_model, (str, Path))
               else "in-memory model")
+    cache_dir.mkdir(parents=True, exist_ok=True)
     settings = predictor.settings()
     key = {k: v for k, v in dict(settings, mode=mode, pad_to=pad_to,
                                  num_classes=num_classes).items() if k in CACHE_KEYS}

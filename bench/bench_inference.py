@@ -21,7 +21,9 @@ Rows (each run in its own subprocess, so the memory peaks do not mix):
 Timing: the inference rows live in one process (the training rows in another) and are timed
 interleaved, after one warm-up call each: `--reps` rounds of one call per row, so other load on
 a shared machine hits every row alike. The table shows each row's best call (the least
-disturbed), the JSON every time and the median. Memory is measured separately, one subprocess
+disturbed) and its speedup over the baseline's best ("speedup"), and the median over rounds of
+the speedup within a round ("paired": both calls seconds apart, under the same load); the JSON
+keeps every time and the median. Memory is measured separately, one subprocess
 per row (Linux /proc/self/status): "model MB" is the resident set once the model is built,
 "peak MB" the resident high-water mark over two calls (VmHWM, reset after the build through
 /proc/self/clear_refs, so loading the checkpoint does not count; where that reset is
@@ -362,13 +364,14 @@ def machine(threads: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'row':<20}{'description':<42}{'best s':>8}{'img/s':>8}{'speedup':>8}"
+    head = (f"{'row':<20}{'description':<42}{'best s':>8}{'img/s':>8}{'speedup':>8}{'paired':>8}"
             f"{'agree fitted':>13}{'agree random':>13}{'model MB':>9}{'peak MB':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         agree = [f"{100 * r[k]:12.3f}%" if r.get(k) is not None else f"{'-':>13}"
                  for k in ("agreement_fitted", "agreement_random")]
-        speed = f"{r['speedup']:7.2f}x" if r.get("speedup") else f"{'-':>8}"
+        speed = (f"{r['speedup']:7.2f}x{r['speedup_paired']:7.2f}x" if r.get("speedup")
+                 else f"{'-':>8}{'-':>8}")
         lines.append(f"{r['name']:<20}{r['description']:<42}{r['best_s']:8.3f}"
                      f"{r['per_s']:8.3f}{speed}{agree[0]}{agree[1]}"
                      f"{r['model_rss_mb']:9.0f}{r['peak_rss_mb']:9.0f}")
@@ -438,6 +441,8 @@ def main(argv=None) -> int:
             if base is None:
                 continue
             r["speedup"] = by_name[base]["best_s"] / r["best_s"]
+            r["speedup_paired"] = float(np.median([b / t for b, t in zip(
+                by_name[base]["times"], r["times"])]))
             r["fitted_pixel_acc"] = readout_accuracy(folder, r["name"])
             for which in ("fitted", "random"):
                 r[f"agreement_{which}"] = agreement(folder, r["name"], base, which)

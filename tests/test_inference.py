@@ -1,4 +1,5 @@
-"""inference.py: BN folding, the Predictor (checkpoint settings, VOC protocol, bf16, channels_last)."""
+"""inference.py: BN folding, the Predictor (checkpoint settings, VOC protocol, bf16,
+channels_last)."""
 
 import numpy as np
 import pytest
@@ -61,8 +62,9 @@ def test_folded_conv_equals_the_bn_formula_written_out():
     x = torch.randn(3, 4, 11, 13)
     with torch.no_grad():
         y = F.conv2d(x, unit.conv.weight, None, 2, 2, 2)
-        expect = ((y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var + bn.eps)[:, None, None]
-                  * bn.weight[:, None, None] + bn.bias[:, None, None])
+        std = torch.sqrt(bn.running_var + bn.eps)[:, None, None]
+        expect = ((y - bn.running_mean[:, None, None]) / std * bn.weight[:, None, None]
+                  + bn.bias[:, None, None])
         got = fold_frozen_bn(unit)(x)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
 
