@@ -16,10 +16,11 @@ What makes it fast, and what each step does to the numbers:
   precision="bf16"       autocast to bfloat16 (AMX on recent Xeons, tensor cores on CUDA); the
                          argmax agrees with fp32 on >= 99.5% of pixels. Opt-in only.
 
-Measured on the 2-core Xeon (AMX) this was written on, MSC at 513x513 (bench/results/
-inference.json): eager fp32 3.5 s per image; the default fp32 path 2.5 s (1.4x, every pixel's
-argmax unchanged); bf16 1.0 s (3.6x, 99.85% of pixels unchanged on a model with meaningful
-logits, 99.9% on the trained demo model).
+Measured on the shared 2-core Xeon (AMX) this was written on, MSC at 513x513
+(bench/bench_inference.py; several runs under varying load from other processes): eager fp32
+3.5-4.5 s per image; the default fp32 path 1.1-1.6x faster with every pixel's argmax unchanged;
+bf16 2.4-3.6x faster (about 1 s per image when the machine is quiet) with 99.85% of pixels
+unchanged on a model with meaningful logits and 99.9% on the trained demo model.
 
 The network output is the MSC max-fused logits at 1/8 of the input size; `predict` brings them to
 the image size with `logit_cache.full_resolution_logits` (the one place that does this).

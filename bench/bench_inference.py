@@ -1,7 +1,7 @@
 """Inference and training speed of DeepLab v2 ResNet-101 at 513x513, and what each optimisation
 of inference.py buys.
 
-    PYTHONPATH=Implementation python bench/bench_inference.py [--quick] [--reps 3] [--device cpu]
+    python bench/bench_inference.py [--quick] [--reps 3] [--device cpu] [--threads N]
 
 Rows (each run in its own subprocess, so the memory peaks do not mix):
   ss_eager_fp32        single scale, the plain nn.Module under torch.no_grad (the baseline)
@@ -47,6 +47,7 @@ the load average at the start; other processes on a shared machine slow every ro
 """
 from __future__ import annotations
 
+from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
 import argparse
 import gc
 import json
@@ -61,9 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-IMPLEMENTATION = HERE.parent / "Implementation"
-RESULTS = HERE / "results" / "inference.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "inference.json"
 SIZE, TRAIN_CROP, NUM_CLASSES = 513, 321, 21
 
 ROWS = {
@@ -315,17 +314,10 @@ def memory_row(name: str, folder: Path, device_name: str) -> dict:
 # The driver
 # ---------------------------------------------------------------------------------------------
 
-def subprocess_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(IMPLEMENTATION),
-                                                      env.get("PYTHONPATH", "")]))
-    return env
-
-
 def call(args: list[str]) -> None:
     """Run this script in a subprocess (its progress bars pass through)."""
     cmd = [sys.executable, str(Path(__file__).resolve())] + args
-    if subprocess.run(cmd, env=subprocess_env()).returncode:
+    if subprocess.run(cmd).returncode:
         raise RuntimeError(f"bench subprocess {' '.join(args)} failed (see above)")
 
 
@@ -458,11 +450,8 @@ def main(argv=None) -> int:
         print(f"fitted readout: {100 * fitted[0]['fitted_pixel_acc']:.1f}% pixel accuracy on "
               "the timed scenes (the logits are meaningful, not noise)")
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(machine=info, size=SIZE, train_crop=TRAIN_CROP,
-                                        reps=args.reps, device=args.device, rows=rows),
-                                   indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(dict(machine=info, size=SIZE, train_crop=TRAIN_CROP, reps=args.reps,
+                      device=args.device, threads=args.threads, rows=rows), args.out)
     return 0
 
 
