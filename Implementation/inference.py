@@ -13,14 +13,18 @@ What makes it fast, and what each step does to the numbers:
   channels_last          NHWC activations, which oneDNN (CPU) and cuDNN (GPU) convolutions
                          prefer; numerics unchanged up to summation order. On by default: faster
                          here in fp32 and essential for bf16 (bench/bench_inference.py).
-  precision="bf16"       autocast to bfloat16 (AMX on recent Xeons, tensor cores on CUDA); the
-                         argmax agrees with fp32 on >= 99.5% of pixels. Opt-in only.
+  shifted_aspp           the four dilated 2048 -> 21 ASPP convolutions computed as one 1x1
+                         convolution and shifted sums (ShiftedASPP); the same sum in another
+                         order. On by default: those thin, widely dilated convolutions were a
+                         quarter of the bf16 forward pass.
+  precision="bf16"       autocast to bfloat16 (AMX on recent Xeons, tensor cores on CUDA), the
+                         conv weights cast once up front; the argmax agrees with fp32 on >= 99.5%
+                         of pixels. Opt-in only.
 
-Measured on the shared 2-core Xeon (AMX) this was written on, MSC at 513x513
-(bench/bench_inference.py; several runs under varying load from other processes): eager fp32
-3.5-4.5 s per image; the default fp32 path 1.1-1.6x faster with every pixel's argmax unchanged;
-bf16 2.4-3.6x faster (about 1 s per image when the machine is quiet) with 99.85% of pixels
-unchanged on a model with meaningful logits and 99.9% on the trained demo model.
+Measured on the 2-core Xeon (AMX) this was written on, MSC at 513x513, idle machine
+(bench/bench_inference.py, three runs; paired medians): eager fp32 about 4.5 s per image; the
+default fp32 path 1.31-1.33x faster with every pixel's argmax unchanged; bf16 3.2-3.5x faster
+(about 1.2-1.3 s per image) with 99.86-99.89% of pixels unchanged on a model with meaningful logits.
 
 The network output is the MSC max-fused logits at 1/8 of the input size; `predict` brings them to
 the image size with `logit_cache.full_resolution_logits` (the one place that does this).
@@ -39,7 +43,7 @@ import torch.nn as nn
 
 from checkpoint import load_checkpoint, load_model_weights, sha256
 from config import DEFAULTS
-from model import MSC, Bottleneck, ConvBN, DeepLabV2, ResNet, unwrap
+from model import ASPP, MSC, Bottleneck, ConvBN, DeepLabV2, ResNet, unwrap
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -100,6 +104,68 @@ def fold_frozen_bn(net: nn.Module, inplace: bool = False) -> nn.Module:
         fused.requires_grad_(False)
         module.conv, module.bn = fused, nn.Identity()
     return folded
+
+
+class ShiftedASPP(nn.Module):
+    """ASPP for inference, computed as one 1x1 convolution followed by shifted sums.
+
+    A 3x3 convolution with dilation r is a sum over its 9 taps: tap (ky, kx) applies the 1x1
+    weights W[:, :, ky, kx] to the input shifted by ((ky-1) r, (kx-1) r), zero outside. Stacking
+    the taps of all branches gives one 1x1 convolution from 2048 to 9 x branches x C channels: a
+    single large matrix product, which the CPU's AMX/AVX-512 and a GPU's tensor cores run at full
+    speed, where the four dilated 2048 -> 21 convolutions ran at 40-80 GFLOP/s in bf16 on the
+    benchmark machine (a quarter of the whole bf16 MSC forward pass). Each tap's C channels are
+    then added at its offset, in float32, and the branch biases once. The same sum as ASPP in a
+    different order: equal up to float rounding. The parameters are copied from `aspp`.
+    """
+
+    def __init__(self, aspp: ASPP):
+        super().__init__()
+        convs = aspp.branches()
+        self.num_classes = convs[0].out_channels
+        # (C, K, 3, 3) -> taps-major (3, 3, C, K) -> (9 C, K, 1, 1), one block of C per tap
+        weight = torch.cat([conv.weight.permute(2, 3, 0, 1).reshape(-1, conv.in_channels)
+                            for conv in convs])
+        self.register_buffer("weight", weight[:, :, None, None].detach().clone())
+        bias = torch.zeros(self.num_classes, device=weight.device)
+        for conv in convs:
+            if conv.bias is not None:
+                bias += conv.bias.detach().float()
+        self.register_buffer("bias", bias)  # stays float32, added to the float32 sum
+        self.offsets = [((ky - 1) * rate, (kx - 1) * rate)
+                        for rate in aspp.rates for ky in range(3) for kx in range(3)]
+
+    def forward(self, x):
+        taps = nn.functional.conv2d(x, self.weight)
+        n, _, h, w = taps.shape
+        out = self.bias.view(1, -1, 1, 1).repeat(n, 1, h, w)
+        c = self.num_classes
+        for t, (dy, dx) in enumerate(self.offsets):
+            if abs(dy) >= h or abs(dx) >= w:
+                continue  # the tap only ever reads the zero padding
+            # out[i, j] += tap[i + dy, j + dx] wherever i + dy, j + dx lie inside the map
+            out[:, :, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] += \
+                taps[:, t * c:(t + 1) * c, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+        return out
+
+
+def use_shifted_aspp(net: nn.Module) -> nn.Module:
+    """Replace (in place) the ASPP of the DeepLabV2 inside `net` by its ShiftedASPP."""
+    deeplab = unwrap(net)
+    deeplab.aspp = ShiftedASPP(deeplab.aspp)
+    return net
+
+
+def cast_conv_weights(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store every convolution's weight and bias in `dtype` (in place), once: autocast would
+    cast them on every call (it caches casts only of parameters that require grad), to the
+    same values."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            module.to(dtype)
+        elif isinstance(module, ShiftedASPP):
+            module.weight = module.weight.to(dtype)
+    return net
 
 
 class InplaceBottleneck(Bottleneck):
@@ -182,8 +248,8 @@ class Predictor:
     """
 
     def __init__(self, model_or_checkpoint, device="auto", precision: str = "fp32",
-                 fold_bn: bool = True, channels_last: bool = True, msc_scales=None, interp=None,
-                 norm=None):
+                 fold_bn: bool = True, channels_last: bool = True, shifted_aspp: bool = True,
+                 msc_scales=None, interp=None, norm=None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = device if isinstance(device, torch.device) else select_device(device)
@@ -201,9 +267,12 @@ class Predictor:
         self.msc_scales, self.interp, self.norm = tuple(msc_scales), interp, norm
         self.num_classes = net.arch["num_classes"]
         self.fold_bn, self.channels_last = fold_bn, channels_last
+        self.shifted_aspp = shifted_aspp
 
         net = fold_frozen_bn(net, inplace=True) if fold_bn else net.eval()
         net = use_inplace_activations(net.requires_grad_(False))
+        if shifted_aspp:
+            net = use_shifted_aspp(net)
         model = MSC(net, self.msc_scales, interp) if self.msc_scales else net
         model = model.eval().requires_grad_(False).to(self.device)
         if channels_last:
@@ -214,6 +283,8 @@ class Predictor:
             warnings.warn(f"bf16 is not supported on {self.device} here (no AVX512-BF16/AMX or "
                           "CUDA bf16); running fp32 instead.", RuntimeWarning, stacklevel=2)
             precision = "fp32"
+        if precision == "bf16":
+            cast_conv_weights(self.model, torch.bfloat16)
         self.precision = precision
         self._transforms = {}
 
@@ -239,7 +310,7 @@ class Predictor:
         """Everything that shapes the logits, e.g. for a logit cache's identity."""
         return dict(identity=self.identity, msc_scales=list(self.msc_scales), interp=self.interp,
                     norm=self.norm, precision=self.precision, fold_bn=self.fold_bn,
-                    channels_last=self.channels_last)
+                    channels_last=self.channels_last, shifted_aspp=self.shifted_aspp)
 
     def _autocast(self):
         if self.precision == "bf16":

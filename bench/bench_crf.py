@@ -1,6 +1,6 @@
 """Dense CRF speed: per-image time and multi-process throughput of `crf.run_crf`.
 
-    PYTHONPATH=Implementation python bench/bench_crf.py [--images 8] [--workers 1 2]
+    python bench/bench_crf.py [--images 8] [--workers 1 2] [--repeats 3]
         [--backends pydensecrf torch]
 
 Generates VOC-size test data in a temp folder: `--images` crops of 500x375 (W x H, the usual
@@ -10,7 +10,9 @@ resolution (65x65) of the 513x513 padded input, a blurred noisy one-hot of a few
 
 For each backend it measures
   per-image   one process: load + upsample + unary (prep) and the CRF itself, 10 iterations
-  run_crf     throughput through `run_crf` with each worker count: end to end (pool start
+  run_crf     throughput through `run_crf` with each worker count, in --repeats alternating
+              rounds (the host's speed drifts; each N is compared with the 1-worker run of
+              its own round, and the table gives the median): end to end (pool start
               included) and steady state (first job start to last job end, from the workers'
               own timestamps), and the parallel efficiency = throughput(N) / (N x throughput(1))
               ("eff. cpu": job CPU time with 1 worker / with N, which other load on the
@@ -112,11 +114,40 @@ def throughput(jobs, params, backend, device, workers) -> dict:
             "load_average_after": os.getloadavg()[0]}
 
 
+def add_efficiency(runs: list[dict]) -> None:
+    """Parallel efficiency of each run against the 1-worker run of the same round."""
+    base = next((r for r in runs if r["workers"] == 1), None)
+    if base is None:
+        return
+    for r in runs:
+        for kind in ("wall", "steady"):
+            r[f"efficiency_{kind}"] = (r[f"img_per_s_{kind}"]
+                                       / (r["workers"] * base[f"img_per_s_{kind}"]))
+        # load-independent: how much running N at once inflates each job's CPU time
+        r["efficiency_cpu"] = base["job_cpu_s_mean"] / r["job_cpu_s_mean"]
+
+
+def summarise(rounds: list[list[dict]]) -> list[dict]:
+    """Per worker count: the median over rounds of every number, and the efficiencies' range."""
+    summary = []
+    for k, first in enumerate(rounds[0]):
+        same = [runs[k] for runs in rounds]
+        row = {key: statistics.median(r[key] for r in same) for key in first
+               if isinstance(first[key], (int, float))}
+        for key in [key for key in first if key.startswith("efficiency_")]:
+            row[key + "_range"] = [min(r[key] for r in same), max(r[key] for r in same)]
+        summary.append(dict(row, workers=first["workers"], rounds=len(same)))
+    return summary
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8, help="test images (default: 8)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="worker counts for run_crf (default: 1 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of all worker counts, alternating; the table shows the "
+                             "median (default: 3)")
     parser.add_argument("--backends", nargs="+", default=["pydensecrf"],
                         choices=["pydensecrf", "torch"], help="CRF backends (default: pydensecrf)")
     parser.add_argument("--device", default="cpu", help="device for the torch backend")
@@ -124,39 +155,43 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     params = CRFParams()  # the paper's: 10 iterations, w_bi 4, 67 / 3, w_pos 3, 1
     report = {"image_size_hw": [H, W], "num_classes": NUM_CLASSES, "params": params.to_dict(),
-              "images": args.images, "cpu_count": os.cpu_count(),
+              "images": args.images, "repeats": args.repeats, "cpu_count": os.cpu_count(),
               "load_average_at_start": list(os.getloadavg()), "torch": torch.__version__,
               "platform": platform.platform(), "processor": platform.processor(), "backends": {}}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = make_data(Path(tmp), args.images)
         for backend in args.backends:
             single = per_image(jobs, params, backend, args.device)
-            runs = [throughput(jobs, params, backend, args.device, w) for w in args.workers]
-            base = next((r for r in runs if r["workers"] == 1), None)
-            for r in runs:
-                if base is not None:
-                    for kind in ("wall", "steady"):
-                        r[f"efficiency_{kind}"] = (r[f"img_per_s_{kind}"]
-                                                   / (r["workers"] * base[f"img_per_s_{kind}"]))
-                    # load-independent: how much running N at once inflates each job's CPU time
-                    r["efficiency_cpu"] = base["job_cpu_s_mean"] / r["job_cpu_s_mean"]
-            report["backends"][backend] = {"per_image": single, "run_crf": runs}
+            rounds = []
+            for _ in range(args.repeats):  # worker counts alternate, so each round is paired
+                runs = [throughput(jobs, params, backend, args.device, w) for w in args.workers]
+                add_efficiency(runs)
+                rounds.append(runs)
+            report["backends"][backend] = {"per_image": single, "rounds": rounds,
+                                           "run_crf": summarise(rounds)}
 
     print(f"dense CRF, {W}x{H}, {NUM_CLASSES} labels, {params.iterations} iterations, "
           f"{args.images} images, {os.cpu_count()} cores "
-          f"(load average at start {report['load_average_at_start'][0]:.2f})")
+          f"(load average at start {report['load_average_at_start'][0]:.2f}); "
+          f"median of {args.repeats} alternating rounds, efficiency range in brackets")
     print(f"{'backend':<11}{'workers':>8}{'s/img (1 proc)':>16}{'cpu s/img':>11}"
-          f"{'job cpu s':>11}{'img/s wall':>12}{'img/s steady':>14}{'eff. wall':>11}"
-          f"{'eff. steady':>13}{'eff. cpu':>10}")
+          f"{'job cpu s':>11}{'img/s wall':>12}{'img/s steady':>14}{'eff. wall':>23}"
+          f"{'eff. steady':>23}{'eff. cpu':>23}")
     for backend, b in report["backends"].items():
         for r in b["run_crf"]:
             print(f"{backend:<11}{r['workers']:>8}{b['per_image']['crf_s_mean']:>16.3f}"
                   f"{b['per_image']['crf_cpu_s_mean']:>11.3f}{r['job_cpu_s_mean']:>11.3f}"
                   f"{r['img_per_s_wall']:>12.3f}{r['img_per_s_steady']:>14.3f}"
-                  f"{100 * r.get('efficiency_wall', float('nan')):>10.1f}%"
-                  f"{100 * r.get('efficiency_steady', float('nan')):>12.1f}%"
-                  f"{100 * r.get('efficiency_cpu', float('nan')):>9.1f}%")
+                  + "".join(f"{efficiency(r, kind):>23}" for kind in ("wall", "steady", "cpu")))
     return write_report(report, args.out)
+
+
+def efficiency(row: dict, kind: str) -> str:
+    """'95.6% [90.1-97.0]': the median and range over rounds."""
+    if f"efficiency_{kind}" not in row:
+        return "-"
+    low, high = row[f"efficiency_{kind}_range"]
+    return f"{100 * row[f'efficiency_{kind}']:.1f}% [{100 * low:.1f}-{100 * high:.1f}]"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The pure-PyTorch dense CRF (crf_torch.py) against pydensecrf: per-image time and label agreement.
 
-    PYTHONPATH=Implementation python bench/bench_crf_torch.py [--images 4] [--repeats 3]
+    python bench/bench_crf_torch.py [--images 4] [--repeats 3]
         [--threads 1 2] [--device cpu]
 
 Test data: `--images` VOC-size scenes, 500x375 (W x H), 21 labels: crops of matplotlib's sample

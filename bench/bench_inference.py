@@ -8,15 +8,20 @@ Rows (each run in its own subprocess, so the memory peaks do not mix):
   ss_inference_mode    + torch.inference_mode and in-place ReLU/sum (Predictor, BN not folded)
   ss_fold_bn           + frozen BN folded into the convs
   ss_channels_last     + channels_last (NHWC) weights and activations
-  ss_bf16              + bf16 autocast (folded BN, NCHW)
+  ss_shifted_aspp      + ASPP as one 1x1 convolution and shifted sums (inference.ShiftedASPP):
+                       Predictor's default single-scale fp32 path
+  ss_bf16              + bf16 autocast (folded BN, NCHW, the four dilated ASPP convolutions)
   ss_bf16_cl           + bf16 autocast with channels_last
+  ss_bf16_cl_aspp      + bf16 autocast, channels_last and the shifted-sum ASPP
   msc_eager_fp32       MSC (1, 0.75, 0.5, max-fused): the eager fp32 baseline of evaluation
   msc_fp32             MSC through Predictor's default fp32 path (what evaluate.py runs)
-  msc_bf16             MSC through Predictor with --precision bf16 (BN folded, channels_last)
+  msc_bf16             MSC through Predictor with --precision bf16 (BN folded, channels_last,
+                       shifted-sum ASPP)
   train_msc_fp32       one training iteration, batch 1, 321x321 crop, MSC, frozen BN: forward,
                        the 4-output loss, backward, SGD step (train.py's unit of work)
   train_msc_bf16       the same under bf16 autocast
-`--quick` keeps ss_eager_fp32, ss_fold_bn, ss_bf16_cl, msc_eager_fp32, msc_fp32, msc_bf16.
+`--quick` keeps ss_eager_fp32, ss_shifted_aspp, ss_bf16_cl_aspp, msc_eager_fp32, msc_fp32,
+msc_bf16.
 
 Timing: the inference rows live in one process (the training rows in another) and are timed
 interleaved, after one warm-up call each: `--reps` rounds of one call per row, so other load on
@@ -69,15 +74,26 @@ ROWS = {
     # name: (description, kind, settings)
     "ss_eager_fp32": ("single scale, eager fp32 (baseline)", "eager", dict(msc=False)),
     "ss_inference_mode": ("+ inference_mode, in-place ReLU/sum", "predictor",
-                          dict(msc=False, fold_bn=False, channels_last=False, precision="fp32")),
+                          dict(msc=False, fold_bn=False, channels_last=False,
+                               shifted_aspp=False, precision="fp32")),
     "ss_fold_bn": ("+ BN folding", "predictor",
-                   dict(msc=False, fold_bn=True, channels_last=False, precision="fp32")),
+                   dict(msc=False, fold_bn=True, channels_last=False, shifted_aspp=False,
+                        precision="fp32")),
     "ss_channels_last": ("+ channels_last", "predictor",
-                         dict(msc=False, fold_bn=True, channels_last=True, precision="fp32")),
+                         dict(msc=False, fold_bn=True, channels_last=True, shifted_aspp=False,
+                              precision="fp32")),
+    "ss_shifted_aspp": ("+ ASPP as 1x1 conv + shifted sums", "predictor",
+                        dict(msc=False, fold_bn=True, channels_last=True, shifted_aspp=True,
+                             precision="fp32")),
     "ss_bf16": ("+ bf16 autocast (NCHW)", "predictor",
-                dict(msc=False, fold_bn=True, channels_last=False, precision="bf16")),
+                dict(msc=False, fold_bn=True, channels_last=False, shifted_aspp=False,
+                     precision="bf16")),
     "ss_bf16_cl": ("+ bf16 autocast + channels_last", "predictor",
-                   dict(msc=False, fold_bn=True, channels_last=True, precision="bf16")),
+                   dict(msc=False, fold_bn=True, channels_last=True, shifted_aspp=False,
+                        precision="bf16")),
+    "ss_bf16_cl_aspp": ("+ bf16 + channels_last + shifted ASPP", "predictor",
+                        dict(msc=False, fold_bn=True, channels_last=True, shifted_aspp=True,
+                             precision="bf16")),
     "msc_eager_fp32": ("MSC, eager fp32 (baseline)", "eager", dict(msc=True)),
     "msc_fp32": ("MSC, Predictor fp32 (default path)", "predictor", dict(msc=True)),
     "msc_bf16": ("MSC, Predictor --precision bf16", "predictor",
@@ -87,7 +103,8 @@ ROWS = {
     "train_msc_bf16": ("train iteration, MSC, batch 1, 321, bf16", "train",
                        dict(precision="bf16")),
 }
-QUICK = ("ss_eager_fp32", "ss_fold_bn", "ss_bf16_cl", "msc_eager_fp32", "msc_fp32", "msc_bf16")
+QUICK = ("ss_eager_fp32", "ss_shifted_aspp", "ss_bf16_cl_aspp", "msc_eager_fp32", "msc_fp32",
+         "msc_bf16")
 BASELINE = {"ss": "ss_eager_fp32", "msc": "msc_eager_fp32"}
 
 
@@ -210,7 +227,8 @@ def build(kind: str, settings: dict, checkpoint: Path, device):
             with torch.no_grad():
                 return model(x.to(device)).float().cpu()
         return run
-    extra = {k: settings[k] for k in ("fold_bn", "channels_last", "precision") if k in settings}
+    extra = {k: settings[k] for k in ("fold_bn", "channels_last", "shifted_aspp", "precision")
+             if k in settings}
     return Predictor(checkpoint, device=device, msc_scales=scales, **extra).logits
 
 

@@ -1,7 +1,7 @@
 """Training-data throughput: images/s through decoding + the Caffe training transform + the
 DataLoader, with 0, 1 and 2 worker processes.
 
-    PYTHONPATH=Implementation python bench/bench_loader.py [--images 40] [--batch 10]
+    python bench/bench_loader.py [--images 40] [--batch 10]
         [--crop 321] [--workers 0 1 2] [--batches 16] [--rounds 2] [--out PATH]
 
 Data: a generated demo set of VOC-sized images (`demo_data.make_demo_dataset`, 375x500 H x W,

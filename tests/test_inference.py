@@ -1,5 +1,5 @@
-"""inference.py: BN folding, the Predictor (checkpoint settings, VOC protocol, bf16,
-channels_last)."""
+"""inference.py: BN folding, the shifted-sum ASPP, the Predictor (checkpoint settings, VOC
+protocol, bf16, channels_last)."""
 
 import numpy as np
 import pytest
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from checkpoint import atomic_save, make_checkpoint
 from config import DEFAULTS
-from inference import (Predictor, bf16_supported, class_names, fold_frozen_bn, select_device,
-                       state_dict_digest)
-from model import MSC, ConvBN, DeepLabV2, FrozenBatchNorm2d
+from inference import (Predictor, ShiftedASPP, bf16_supported, cast_conv_weights, class_names,
+                       fold_frozen_bn, select_device, state_dict_digest)
+from model import ASPP, MSC, ConvBN, DeepLabV2, FrozenBatchNorm2d, unwrap
 from transforms import CAFFE_MEAN_BGR
 
 
@@ -144,11 +144,53 @@ def test_predictor_copies_a_model_and_keeps_its_msc_settings():
     assert Predictor(net, device="cpu").msc_scales == tuple(DEFAULTS["model"]["msc_scales"])
 
 
+# --- ASPP as one 1x1 convolution + shifted sums -----------------------------------------------
+
+@pytest.mark.parametrize("hw", [(65, 65), (41, 30), (7, 9), (1, 1), (25, 13)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shifted_aspp_equals_the_four_dilated_convolutions(hw, channels_last):
+    # sizes where rates 12, 18, 24 reach past the map (7x9, 1x1) leave only some taps
+    torch.manual_seed(hw[0])
+    aspp = ASPP(32, 5, (6, 12, 18, 24)).eval()
+    for conv in aspp.branches():
+        torch.nn.init.normal_(conv.weight, 0, 0.05)
+        torch.nn.init.normal_(conv.bias)
+    shifted = ShiftedASPP(aspp)
+    x = torch.randn(2, 32, *hw)
+    if channels_last:
+        x, shifted = x.contiguous(memory_format=torch.channels_last), \
+            shifted.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference, out = aspp(x), shifted(x)
+    assert out.shape == reference.shape == (2, 5, *hw)
+    assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_shifted_aspp_tap_written_out():
+    # one branch, rate 2, a single non-zero tap (ky, kx) = (0, 2): out[i, j] = w * x[i - 2, j + 2]
+    aspp = ASPP(1, 1, (2,))
+    with torch.no_grad():
+        aspp.c0.weight.zero_()
+        aspp.c0.weight[0, 0, 0, 2] = 3.0
+        aspp.c0.bias.fill_(0.5)
+    x = torch.arange(1.0, 26.0).view(1, 1, 5, 5)
+    expected = torch.full((5, 5), 0.5)
+    for i in range(5):
+        for j in range(5):
+            if 0 <= i - 2 < 5 and 0 <= j + 2 < 5:
+                expected[i, j] += 3.0 * x[0, 0, i - 2, j + 2]
+    with torch.no_grad():
+        assert torch.equal(ShiftedASPP(aspp)(x)[0, 0], expected)
+
+
 def test_folding_and_channels_last_keep_the_logits():
     net = tiny_net()
     x = torch.randn(2, 3, 65, 65) * 40
-    plain = Predictor(net, device="cpu", fold_bn=False, channels_last=False).logits(x)
+    plain = Predictor(net, device="cpu", fold_bn=False, channels_last=False,
+                      shifted_aspp=False).logits(x)
     fast = Predictor(net, device="cpu", fold_bn=True, channels_last=True).logits(x)
+    assert isinstance(unwrap(Predictor(net, device="cpu").model).aspp, ShiftedASPP)
+    assert Predictor(net, device="cpu").settings()["shifted_aspp"] is True
     assert plain.shape == (2, 5, 9, 9) and plain.is_contiguous()
     assert ((fast - plain).abs().max() / plain.abs().max()) < 1e-4
     assert torch.equal(fast.argmax(1), plain.argmax(1))
@@ -166,6 +208,18 @@ def test_bf16_agrees_with_fp32_on_99_percent_of_pixels():
     assert b.dtype == torch.float32
     assert not torch.equal(a, b)  # bf16 really ran
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
+
+
+def test_bf16_weights_cast_once_equal_autocast_casting_them_every_call():
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX)")
+    net = tiny_net(seed=1)
+    x = torch.randn(1, 3, 65, 65) * 50
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        every_call = net(x)
+        cast_once = cast_conv_weights(net, torch.bfloat16)(x)
+    assert next(net.aspp.c0.parameters()).dtype == torch.bfloat16
+    assert torch.equal(every_call, cast_once)
 
 
 def test_bf16_falls_back_to_fp32_with_a_warning(monkeypatch):
