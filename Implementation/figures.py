@@ -41,11 +41,18 @@ import yaml
 from matplotlib.patches import FancyBboxPatch, Patch, Rectangle
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from config import DEFAULTS
-from labels import IGNORE, VOC_CLASSES, DataError, load_image, load_label, voc_palette
-from logit_cache import LogitCacheError, cache_path, cached_ids, full_resolution_logits, load_logits
-from model import ASPP, MSC, DeepLabV2, build_model, resize, scaled_size
+from seglab.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from seglab.config import DEFAULTS, ConfigError, load_config
+from seglab.densecrf.dense_crf import DenseCRF
+from seglab.densecrf.params import CRFParams
+from seglab.data.labels import IGNORE, VOC_CLASSES, DataError, load_label, voc_palette
+from seglab.data.images import load_image
+from seglab.evaluation.logit_cache import LogitCacheError, cache_path, cached_ids, load_logits
+from seglab.models.resize import full_resolution_logits
+from seglab.models.deeplabv2 import ASPP, DeepLabV2
+from seglab.models.msc import MSC
+from seglab.models import build_model, normalize_arch
+from seglab.models.resize import resize, scaled_size
 
 plt.switch_backend("Agg")  # files only, no display
 
@@ -55,9 +62,12 @@ WIDTH = 12.0                               # inches: 1320 px, shown at README wi
 NETWORK_ARCH = dict(num_classes=21)        # the paper's ResNet-101 DeepLabV2 (model defaults)
 NETWORK_INPUT = 321                        # the training crop
 TAP_RATES = (1, 6, 12, 24)
+PAPER_RATES = tuple(normalize_arch({"name": "deeplabv2"})["rates"])  # ASPP-L: 6, 12, 18, 24
 TRIMAP_WIDTHS = (1, 2, 4, 6, 8, 12, 16, 20, 30, 40)
 CANDIDATES = 12                            # val images (c) and (d) choose their example from
-DEMO_HINT = "run `python Implementation/train.py --config demo` first (or pass --run RUN_DIR)"
+DEMO_RUN = Path("runs") / "demo"
+DEMO_HINT = ("run `python Implementation/train.py --config demo --run-dir runs/demo` first (or "
+             "pass --run RUN_DIR)")
 
 
 class FigureError(RuntimeError):
@@ -153,7 +163,7 @@ class Run:
         return self.path / f"eval_{self.split}"
 
     def model_setting(self, key: str):
-        return self.config.get("model", {}).get(key, DEFAULTS["model"][key])
+        return self.config["model"][key]
 
     def require(self, relative: str, fix: str) -> Path:
         path = self.path / relative
@@ -171,7 +181,6 @@ class Run:
     def crf_params(self):
         """The CRF parameters the run's evaluation used, else a best.json of a CRF search in
         the run folder, else the paper's values."""
-        from crf import CRFParams
         path = self.eval_dir / "scores_crf.json"
         if path.is_file():
             params = json.loads(path.read_text()).get("crf_params")
@@ -201,16 +210,15 @@ class Run:
         """(mode, pad_to) the run's evaluation used (its scores.json, else its config)."""
         path = self.eval_dir / "scores.json"
         scores = json.loads(path.read_text()) if path.is_file() else {}
-        ev = self.config.get("eval", {})
-        return (scores.get("mode") or ev.get("mode", DEFAULTS["eval"]["mode"]),
-                int(scores.get("pad_to") or ev.get("pad_to", DEFAULTS["eval"]["pad_to"])))
+        ev = self.config["eval"]
+        return scores.get("mode") or ev["mode"], int(scores.get("pad_to") or ev["pad_to"])
 
     def data_root(self) -> Path:
         """The data root the run was evaluated on (relative paths: to the current folder, else
         to the repository)."""
         info = self.eval_dir / "config.json"
         root = json.loads(info.read_text()).get("data_root") if info.is_file() else None
-        root = Path(root or self.config.get("data", {}).get("root", DEFAULTS["data"]["root"]))
+        root = Path(root or self.config["data"]["root"])
         for candidate in ([root] if root.is_absolute() else [Path.cwd() / root, ROOT / root]):
             if (candidate / "VOCdevkit" / "VOC2012").is_dir():
                 return candidate
@@ -221,7 +229,7 @@ class Run:
     def val_images(self, limit: int | None = None, with_logits: bool = True) -> list[dict]:
         """[{id, image_path, label_path, logits_path}] of the val images (with cached logits
         only, unless `with_logits` is False), in split order."""
-        from datasets import VOCSegmentation
+        from seglab.data.voc import VOCSegmentation
         cache = self.eval_dir / "logits"
         ds = VOCSegmentation(self.data_root(), self.split, num_classes=self.num_classes)
         have = set(ds.ids)
@@ -245,17 +253,20 @@ def load_run(path) -> Run:
     if not path.is_dir():
         raise FigureError(f"run folder {path} not found; {DEMO_HINT}")
     cfg_path = path / "config.yaml"
-    config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    return Run(path, config or {})
+    try:
+        config = load_config(cfg_path) if cfg_path.is_file() else load_config("voc12")
+    except ConfigError as e:
+        raise FigureError(f"cannot read the run's config: {e}") from e
+    return Run(path, config)
 
 
 def default_run() -> Path:
-    """The newest runs/demo*/ (here or in the repository) that has checkpoints/final.pth."""
-    found = {p.resolve() for base in (Path.cwd() / "runs", ROOT / "runs") if base.is_dir()
-             for p in base.glob("demo*") if (p / "checkpoints" / "final.pth").is_file()}
-    if not found:
-        raise FigureError(f"no demo run with checkpoints/final.pth under runs/: {DEMO_HINT}")
-    return max(found, key=lambda p: (p / "checkpoints" / "final.pth").stat().st_mtime)
+    """The documented demo run, runs/demo (the README's quickstart writes it), here or in the
+    repository: never whichever run happens to be newest."""
+    for base in (Path.cwd(), ROOT):
+        if (base / DEMO_RUN / "checkpoints" / "final.pth").is_file():
+            return base / DEMO_RUN
+    raise FigureError(f"no {DEMO_RUN}/checkpoints/final.pth here or in {ROOT}: {DEMO_HINT}")
 
 
 def label_of(item: dict, num_classes: int, size=None) -> np.ndarray:
@@ -293,7 +304,7 @@ def output_stride(size: int = NETWORK_INPUT) -> int:
 
 def rate_colour(rate: int):
     """One colour per atrous rate, the same in every panel."""
-    order = sorted(set(TAP_RATES) | set(DEFAULTS["model"]["rates"]))
+    order = sorted(set(TAP_RATES) | set(PAPER_RATES))
     return plt.get_cmap("tab10").colors[order.index(rate) % 10]
 
 
@@ -337,7 +348,7 @@ def fig_atrous(out: Path) -> Path:
     ax.add_patch(Rectangle((-0.5, -0.5), size, size, facecolor="0.93", edgecolor="black", lw=1.2))
     ax.scatter(fx.ravel(), fy.ravel(), s=1.5, color="0.55", zorder=1)
     handles = []
-    for k, rate in enumerate(DEFAULTS["model"]["rates"]):
+    for k, rate in enumerate(PAPER_RATES):
         step = stride * rate
         offsets = np.array([-step, 0, step])
         ty, tx = np.meshgrid(centre + offsets, centre + offsets, indexing="ij")
@@ -352,7 +363,7 @@ def fig_atrous(out: Path) -> Path:
                              label=f"rate {rate}: taps {step} px apart, field of view "
                                    f"{span}x{span}{inside}"))
     ax.scatter([centre], [centre], marker="x", s=60, color="black", zorder=10)
-    margin = stride * max(DEFAULTS["model"]["rates"]) - centre + 12
+    margin = stride * max(PAPER_RATES) - centre + 12
     ax.set_xlim(-margin, size + margin)
     ax.set_ylim(size + margin, -margin)
     ax.set_aspect("equal")
@@ -377,7 +388,7 @@ def measure_network(arch: dict | None = None, size: int = NETWORK_INPUT,
     """Output shapes (C, H, W) of every stage for each MSC branch, measured with forward hooks
     during one MSC forward pass of a 1x3xsize x size input. Returns (net, rows, fused): rows
     has one {stage: shape, "branches": [shapes of the ASPP convs]} per scale (1 first)."""
-    net = DeepLabV2(**(arch if arch is not None else NETWORK_ARCH)).eval()
+    net = build_model(arch if arch is not None else NETWORK_ARCH).eval()
     msc = MSC(net, scales, interp).eval()
     rows: list[dict] = []
 
@@ -498,30 +509,25 @@ def load_trained_net(run: Run):
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         raise FigureError(str(e)) from e
-    net = build_model(ckpt["arch"], msc_scales=())
+    net = build_model(ckpt["arch"])
     load_model_weights(net, ckpt, str(path))
     return net.eval(), ckpt.get("input_norm") or "caffe"
 
 
 def msc_branches(net, x: torch.Tensor, scales, interp: str):
     """Logits of each MSC branch (1x first), each upsampled to the 1x logit size, and their
-    element-wise max: what model.MSC computes, kept apart."""
+    element-wise max: MSC's own steps, kept apart."""
+    msc = MSC(net, scales, interp).eval()
     with torch.inference_mode():
-        logits = [net(x)]
-        for s in scales:
-            logits.append(net(resize(x, scaled_size(x.shape[-2:], s, interp), interp)))
-    base = logits[0].shape[-2:]
-    upsampled = [logits[0]] + [resize(l, base, interp) for l in logits[1:]]
-    fused = upsampled[0]
-    for u in upsampled[1:]:
-        fused = torch.max(fused, u)
-    return logits, upsampled, fused
+        logits = msc.branch_logits(x)
+        fused = msc(x)
+    return logits, msc.upsampled(logits), fused
 
 
 def fig_msc(run: Run, out: Path) -> Path:
     """On the val image where the MSC branches disagree most: each branch's prediction (upsampled
     to the image), the max-fused prediction, and the ground truth."""
-    from transforms import EvalTransform
+    from seglab.data.transforms import EvalTransform
     set_style()
     net, norm = load_trained_net(run)
     scales = tuple(run.model_setting("msc_scales"))
@@ -560,7 +566,6 @@ def fig_msc(run: Run, out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 def crf_labels(image, logits, params, iterations: int, backend: str) -> np.ndarray:
-    from crf import DenseCRF
     crf = DenseCRF(dataclasses.replace(params, iterations=iterations), backend=backend)
     return crf(image, logits).argmax(0).astype(np.uint8)
 
@@ -720,7 +725,7 @@ def trimap_from_scores(scores: dict, widths) -> dict | None:
 def compute_trimap(run: Run, widths, workers: int, progress: bool = False) -> tuple[dict, dict]:
     """Trimap scores of the DCNN (cached logits) and of the CRF (run on them), all val images."""
     from crf import CRFJob, run_crf
-    from metrics import TrimapEvaluator
+    from seglab.evaluation.metrics import TrimapEvaluator
     items, interp = run.val_images(), run.interp()
     plain = TrimapEvaluator(widths, run.num_classes)
     for item in items:
@@ -744,7 +749,7 @@ def compute_trimap(run: Run, widths, workers: int, progress: bool = False) -> tu
 def fig_trimap(run: Run, out: Path, widths=TRIMAP_WIDTHS, workers: int = 0) -> Path:
     """An example band, then mIoU and pixel accuracy within bands of growing width around the
     object boundaries (VOC's void outlines), with and without the CRF."""
-    from metrics import trimap_band
+    from seglab.evaluation.metrics import trimap_band
     set_style()
     widths = sorted(set(int(w) for w in widths))
     plain = trimap_from_scores(run.scores(), widths)
@@ -827,7 +832,7 @@ def parse_args(argv=None):
                     + ". (a) and (b) need no run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", help="run folder of train.py with checkpoints/final.pth, log.csv and "
-                                 "eval_val/ (default: the newest runs/demo*)")
+                                 "eval_val/ (default: runs/demo, the README's demo run)")
     p.add_argument("--out", default=str(ROOT / "Figures"), help="output folder")
     p.add_argument("--only", nargs="+", metavar="FIG",
                    help="only these figures (letters a-g or file names)")

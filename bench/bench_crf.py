@@ -37,9 +37,11 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-import labels
-from crf import CRFJob, CRFParams, DenseCRF, load_crf_inputs, run_crf
-from logit_cache import save_logits
+from seglab.data import labels
+from seglab.densecrf.dense_crf import DenseCRF, load_crf_inputs
+from seglab.densecrf.params import CRFParams
+from seglab.densecrf.runner import CRFJob, run_crf
+from seglab.evaluation.logit_cache import save_logits
 
 H, W, NUM_CLASSES, PAD = 375, 500, 21, 513
 RESULTS = Path(__file__).resolve().parent / "results" / "crf.json"

@@ -35,7 +35,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from crf_torch import dense_crf
+from seglab.densecrf.torch_crf import dense_crf
 
 H, W, NUM_CLASSES = 375, 500, 21
 PARAMS = dict(iterations=10, bi_w=4.0, bi_xy_std=67.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=1.0)

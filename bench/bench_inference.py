@@ -114,7 +114,7 @@ BASELINE = {"ss": "ss_eager_fp32", "msc": "msc_eager_fp32"}
 
 def scenes(seed: int, count: int, size: int):
     """`count` synthetic VOC-like scenes (image uint8, label uint8) of size x size."""
-    from demo_data import draw_sample
+    from seglab.data.demo import draw_sample
     classes = list(range(1, NUM_CLASSES))
     return [draw_sample(np.random.default_rng([seed, k]), (size, size), classes)
             for k in range(count)]
@@ -123,7 +123,8 @@ def scenes(seed: int, count: int, size: int):
 def random_net(seed: int = 0):
     """ResNet-101 DeepLab v2 with random weights and random, non-trivial BN statistics."""
     import torch
-    from model import DeepLabV2, FrozenBatchNorm2d
+    from seglab.models.deeplabv2 import DeepLabV2
+    from seglab.models.resnet import FrozenBatchNorm2d
     torch.manual_seed(seed)
     net = DeepLabV2(num_classes=NUM_CLASSES).eval()
     for m in net.modules():
@@ -139,7 +140,7 @@ def fit_readout(net, fit_scenes, ridge: float = 1e-2):
     """Replace the ASPP by a ridge-regression readout of the backbone features (centre tap of
     branch c0; other taps and branches zero) fitted to one-hot labels at [::8, ::8]."""
     import torch
-    from transforms import normalize
+    from seglab.data.transforms import normalize
     feats, targets = [], []
     with torch.inference_mode():
         for image, label in fit_scenes:
@@ -168,8 +169,8 @@ def fit_readout(net, fit_scenes, ridge: float = 1e-2):
 
 def prepare(folder: Path, num_inputs: int) -> None:
     import torch
-    from checkpoint import atomic_save, make_checkpoint
-    from transforms import normalize
+    from seglab.checkpoint import atomic_save, make_checkpoint
+    from seglab.data.transforms import normalize
     inputs = scenes(1, num_inputs, SIZE)
     torch.save(torch.stack([normalize(image) for image, _ in inputs]), folder / "inputs.pt")
     np.save(folder / "labels.npy", np.stack([label for _, label in inputs]))
@@ -213,9 +214,9 @@ def start_memory_window() -> dict:
 def build(kind: str, settings: dict, checkpoint: Path, device):
     """A callable: image batch (N, 3, H, W) -> logits (N, C, h, w) on the CPU."""
     import torch
-    from checkpoint import load_checkpoint, load_model_weights
-    from inference import Predictor
-    from model import build_model, unwrap
+    from seglab.checkpoint import load_checkpoint, load_model_weights
+    from seglab.inference.predictor import Predictor
+    from seglab.models import build_model, unwrap
     scales = (0.75, 0.5) if settings["msc"] else ()
     if kind == "eager":
         ckpt = load_checkpoint(checkpoint)
@@ -235,9 +236,10 @@ def build(kind: str, settings: dict, checkpoint: Path, device):
 def train_step(settings: dict, folder: Path, device):
     """A callable running one training iteration (train.py's unit of work) on the fitted model."""
     import torch
-    from checkpoint import load_checkpoint, load_model_weights
-    from loss import msc_loss
-    from model import build_model, param_groups, unwrap
+    from seglab.checkpoint import load_checkpoint, load_model_weights
+    from seglab.training.loss import msc_loss
+    from seglab.models import build_model, unwrap
+    from seglab.models.deeplabv2 import param_groups
     ckpt = load_checkpoint(folder / "fitted.pth")
     model = build_model(ckpt["arch"], msc_scales=(0.75, 0.5))
     load_model_weights(unwrap(model), ckpt)
@@ -260,7 +262,7 @@ def train_step(settings: dict, folder: Path, device):
 
 def full_argmax(logits) -> np.ndarray:
     """(N, 513, 513) uint8 labels from (C, 65, 65) logits, as evaluation upsamples them."""
-    from logit_cache import full_resolution_logits
+    from seglab.models.resize import full_resolution_logits
     return np.stack([full_resolution_logits(y, (SIZE, SIZE), (SIZE, SIZE)).argmax(0).numpy()
                      .astype(np.uint8) for y in logits])
 
@@ -276,7 +278,7 @@ def time_rows(names: list[str], folder: Path, reps: int, device_name: str) -> di
     call per row, so load from other processes hits every row alike. Saves each row's argmax
     on the timed inputs (fitted weights) and on one input with the random weights."""
     import torch
-    from inference import select_device
+    from seglab.inference.predictor import select_device
     from tqdm import tqdm
     device = select_device(device_name)
     inputs = torch.load(folder / "inputs.pt", weights_only=True)
@@ -313,7 +315,7 @@ def memory_row(name: str, folder: Path, device_name: str) -> dict:
     """Resident memory of one row, alone in this process: after the build, and the peak over
     two calls (the first builds oneDNN's caches, an optimizer step its momentum buffers)."""
     import torch
-    from inference import select_device
+    from seglab.inference.predictor import select_device
     device = select_device(device_name)
     _, kind, settings = ROWS[name]
     inputs = torch.load(folder / "inputs.pt", weights_only=True)
@@ -357,7 +359,7 @@ def readout_accuracy(folder: Path, name: str) -> float:
 
 def machine(threads: int) -> dict:
     import torch
-    from inference import bf16_supported
+    from seglab.inference.predictor import bf16_supported
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

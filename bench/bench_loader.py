@@ -39,11 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets import VOCSegmentation
-from demo_data import make_demo_dataset
-from labels import load_image, load_label
-from loaders import train_loader
-from transforms import TrainTransform
+from seglab.data.voc import VOCSegmentation
+from seglab.data.demo import make_demo_dataset
+from seglab.data.labels import load_label
+from seglab.data.images import load_image
+from seglab.data.loaders import train_loader
+from seglab.data.transforms import TrainTransform
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader.json"
 SIZE = (375, 500)  # H, W

@@ -23,7 +23,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def resnet101():
     """One full DeepLab v2 ResNet-101 (random weights), shared: building it takes ~1 s."""
-    from model import DeepLabV2
+    from seglab.models.deeplabv2 import DeepLabV2
     return DeepLabV2(num_classes=21).eval()
 
 

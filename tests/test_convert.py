@@ -15,11 +15,15 @@ import torch
 import torchvision
 
 import caffe_writer as cw
-from caffe_proto import CaffeModelError, iter_layers, read_caffemodel
-from convert import (ConversionError, caffe_to_ours, load_torchvision_state, main,
-                     ours_to_published, published_to_ours, torchvision_to_ours,
-                     warn_if_trained_on)
-from model import DeepLabV2
+from seglab.weights.caffe_proto import CaffeModelError, iter_layers, read_caffemodel
+from convert import main
+from seglab.weights.caffe import caffe_to_ours
+from seglab.weights.common import ConversionError
+from seglab.weights.provenance import warn_if_trained_on
+from seglab.weights.published import ours_to_published, published_to_ours
+from seglab.weights.torchvision_imagenet import load_torchvision_state, torchvision_to_ours
+from seglab.models import build_model
+from seglab.models.deeplabv2 import DeepLabV2
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BLOCKS = {2: ["a"], 3: ["a"], 4: ["a"], 5: ["a"]}
@@ -201,7 +205,7 @@ def test_init_caffemodel_fills_the_backbone_and_drops_fc1_coco(tmp_path, capsys)
     for key, value in expected.items():
         assert torch.equal(ckpt["model"][key], value), key
     torch.manual_seed(0)  # the converter's --seed default: the ASPP keeps its N(0, 0.01) init
-    fresh = DeepLabV2(**ckpt["arch"]).state_dict()
+    fresh = build_model(ckpt["arch"]).state_dict()
     aspp = [k for k in fresh if k.startswith("aspp.")]
     assert len(aspp) == 8 and all(torch.equal(ckpt["model"][k], fresh[k]) for k in aspp)
     assert ckpt["trained_on"] == "coco"

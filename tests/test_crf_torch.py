@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from crf_torch import dense_crf, kernel_features
-from permutohedral import PermutohedralLattice
+from seglab.densecrf.torch_crf import dense_crf, kernel_features
+from seglab.densecrf.permutohedral import PermutohedralLattice
 
 
 def scene(h, w, c, seed=0, noise=1.5):

@@ -12,10 +12,13 @@ import torchvision
 from PIL import Image
 
 import datasets
-from datasets import VOCSegmentation, build_train_aug, read_sbd_mask, train_aug_ids
-from demo_data import DEMO_CLASSES, make_demo_dataset
-from labels import IGNORE, DataError, load_image, load_label, save_label_png, voc_palette
-from transforms import EvalTransform, TrainTransform, normalize
+from seglab.data import sbd as sbd_lib, voc as voc_lib
+from seglab.data.sbd import build_train_aug, read_sbd_mask, train_aug_ids
+from seglab.data.voc import VOCSegmentation
+from seglab.data.demo import DEMO_CLASSES, make_demo_dataset
+from seglab.data.labels import IGNORE, DataError, load_label, save_label_png, voc_palette
+from seglab.data.images import load_image
+from seglab.data.transforms import EvalTransform, TrainTransform, normalize
 
 SIZE = (40, 56)  # H, W
 
@@ -115,7 +118,7 @@ def test_missing_dataset_folder(tmp_path):
         VOCSegmentation(tmp_path / "nowhere", "val")
     message = str(info.value)
     assert str(tmp_path / "nowhere" / "VOCdevkit" / "VOC2012") in message
-    assert "--download" in message and datasets.VOC_URL in message and datasets.SBD_URL in message
+    assert "--download" in message and voc_lib.VOC_URL in message and voc_lib.SBD_URL in message
 
 
 def test_missing_split_lists(demo, tmp_path):
@@ -144,12 +147,18 @@ def test_missing_or_bad_files_name_the_file(demo, tmp_path):
     (voc(root) / "SegmentationClassAug" / "train_0002.png").unlink()
     with pytest.raises(DataError) as info:
         VOCSegmentation(root, "val")[1]
+    # the other images are there: the split list names a file that is not, so fix the list
     assert str(voc(root) / "JPEGImages" / "val_0001.jpg") in str(info.value)
-    assert "--download" in str(info.value)
+    assert "val.txt" in str(info.value) and "Remove the id from the list" in str(info.value)
+    assert "--download" not in str(info.value)
     with pytest.raises(DataError) as info:
         VOCSegmentation(root)[2]
     assert str(voc(root) / "SegmentationClassAug" / "train_0002.png") in str(info.value)
-    assert "SBD" in str(info.value)
+    assert "train_aug.txt" in str(info.value)
+    shutil.rmtree(voc(root) / "SegmentationClassAug")  # no train_aug masks at all: build them
+    with pytest.raises(DataError) as info:
+        VOCSegmentation(root)[2]
+    assert "SBD" in str(info.value) and "--download" in str(info.value)
 
     label = load_label(voc(root) / "SegmentationClass" / "val_0000.png")
     label[0, 0] = 37
@@ -332,7 +341,7 @@ def test_failed_copy_leaves_no_half_png(tmp_path, monkeypatch):
             f.write(open(src, "rb").read()[:30])
         raise OSError("Input/output error")
 
-    monkeypatch.setattr(datasets.shutil, "copyfile", copy_then_die)
+    monkeypatch.setattr(sbd_lib.shutil, "copyfile", copy_then_die)
     with pytest.raises(OSError, match="Input/output"):
         build_train_aug(root, sbd, progress=False)
     monkeypatch.undo()
@@ -389,12 +398,12 @@ def test_download_uses_torchvision_then_builds_train_aug(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "VOCSegmentation", fake_voc)
     monkeypatch.setattr(torchvision.datasets, "SBDataset", fake_sbd)
     root = tmp_path / "data"
-    assert datasets.download(root) == {"train_aug": 6, "val": 2}
+    assert sbd_lib.download(root) == {"train_aug": 6, "val": 2}
     assert calls == [("voc", str(root), "2012", "train", True),
                      ("sbd", str(root / "SBD"), "train", "segmentation", True)]
     check_train_aug(root, voc_labels, sbd_labels)
     calls.clear()  # a second --download finds both data sets in place and fetches nothing
-    assert datasets.download(root) == {"train_aug": 6, "val": 2} and calls == []
+    assert sbd_lib.download(root) == {"train_aug": 6, "val": 2} and calls == []
     check_train_aug(root, voc_labels, sbd_labels)
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo_data import DEMO_CLASSES, class_style, make_demo_dataset
-from labels import IGNORE, load_image, load_label, voc_palette
+from seglab.data.demo import DEMO_CLASSES, class_style, make_demo_dataset
+from seglab.data.labels import IGNORE, load_label, voc_palette
+from seglab.data.images import load_image
 
 PARAMS = dict(num_train=5, num_val=3, size=(48, 64), seed=3)
 
@@ -131,7 +132,7 @@ def test_tiny_set_is_fast_and_bad_classes_are_refused(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    import demo_data
+    from seglab.data import demo as demo_data
     demo_data.main(["--root", str(tmp_path), "--num-train", "2", "--num-val", "1",
                     "--size", "32", "40", "--classes", "3", "7"])
     assert "2 train + 1 val" in capsys.readouterr().out

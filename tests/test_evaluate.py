@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 import evaluate as ev
-import inference
-from checkpoint import atomic_save, make_checkpoint
-from demo_data import make_demo_dataset
-from labels import load_image
-from logit_cache import load_logits
-from model import DeepLabV2
+from seglab.evaluation.evaluate import EvalSettings, EvaluationError, default_out_dir, evaluate
+from seglab.inference import predictor as inference
+from seglab.checkpoint import atomic_save, make_checkpoint
+from seglab.data.demo import make_demo_dataset
+from seglab.data.images import load_image
+from seglab.evaluation.logit_cache import load_logits
+from seglab.models.deeplabv2 import DeepLabV2
 
 NUM_CLASSES = 5
 VAL_IDS = ["val_0000", "val_0001", "val_0002"]
@@ -54,9 +55,9 @@ def count_forwards(monkeypatch):
 
 
 def run(checkpoint, data_root, out, **kw):
-    kw = dict(dict(split="val", out_dir=out, pad_to=65, num_classes=NUM_CLASSES,
-                   show_progress=False), **kw)
-    return ev.evaluate(checkpoint, data_root, **kw)
+    settings = EvalSettings(**dict(dict(data_root=str(data_root), split="val", pad_to=65,
+                                        num_classes=NUM_CLASSES), **kw))
+    return evaluate(checkpoint, settings, out_dir=out, show_progress=False)
 
 
 def voc_file(root, folder, image_id, ext):
@@ -145,7 +146,7 @@ def test_cache_of_another_checkpoint_is_recomputed(tmp_path, checkpoint, data_ro
 
 def test_crf_scores(tmp_path, checkpoint, data_root):
     out = tmp_path / "eval"
-    scores = run(checkpoint, data_root, out, crf=True, crf_workers=1, trimap_widths=[1, 3])
+    scores = run(checkpoint, data_root, out, crf=True, crf_workers=1, trimap_widths=(1, 3))
     saved = json.loads((out / "scores_crf.json").read_text())
     assert saved["miou"] == pytest.approx(scores["crf"]["miou"], abs=1e-12)
     miou, acc = iou_from_files(out / "pred_crf", data_root)
@@ -171,11 +172,11 @@ def test_in_memory_model_and_limit(tmp_path, data_root):
     torch.manual_seed(0)
     net = DeepLabV2(num_classes=NUM_CLASSES, depth=14, width=8)
     with pytest.raises(ValueError, match="out_dir"):
-        ev.evaluate(net, data_root, out_dir=None, num_classes=NUM_CLASSES)
+        evaluate(net, EvalSettings(data_root=str(data_root), num_classes=NUM_CLASSES))
     scores = run(net, data_root, tmp_path / "e", limit=2, save_predictions=False)
     assert scores["num_images"] == 2 and scores["checkpoint"] == "in-memory model"
     assert not (tmp_path / "e" / "pred").exists()
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(EvaluationError, match="num_classes"):
         run(net, data_root, tmp_path / "f", num_classes=21)
 
 
@@ -188,17 +189,24 @@ def test_command_line(tmp_path, checkpoint, data_root, capsys):
     assert scores["num_images"] == 2 and scores["mode"] == "full"
     config = json.loads((out / "config.json").read_text())
     assert config["split"] == "val" and config["pad_to"] == 65 and config["limit"] == 2
-    assert ev.main(args[:-3] + ["--num-classes", "21"]) == 1
+    assert ev.main(args[:-3] + ["--num-classes", "21"]) == 2
     assert "num_classes" in capsys.readouterr().err
+    # the same settings through the config path: overrides and flags are one mechanism
+    assert ev.main(["--checkpoint", str(checkpoint), f"data.root={data_root}", "eval.pad_to=65",
+                    f"data.num_classes={NUM_CLASSES}", "eval.limit=1", "--out",
+                    str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "scores.json").read_text())["num_images"] == 1
+    assert ev.main(["--checkpoint", str(checkpoint), "eval.limt=1"]) == 2
+    assert "eval.limt" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         ev.main(["--help"])
     assert e.value.code == 0
 
 
 def test_default_out_dir(tmp_path):
-    assert ev.default_out_dir(tmp_path / "run" / "checkpoints" / "x.pth", "val") == \
+    assert default_out_dir(tmp_path / "run" / "checkpoints" / "x.pth", "val") == \
         (tmp_path / "run" / "eval_val").resolve()
-    assert ev.default_out_dir(tmp_path / "w" / "x.pth", "test") == \
+    assert default_out_dir(tmp_path / "w" / "x.pth", "test") == \
         (tmp_path / "w" / "eval_test").resolve()
 
 
@@ -208,7 +216,7 @@ def test_cache_for_an_image_of_another_size_is_recomputed(tmp_path, checkpoint, 
     first = run(checkpoint, data_root, out)
     path = out / "logits" / "val_0000.npz"
     logits, _, _ = load_logits(path)
-    from logit_cache import save_logits
+    from seglab.evaluation.logit_cache import save_logits
     save_logits(path, logits, (65, 65), (40, 64))  # as if the image had been 40 rows high
     again = run(checkpoint, data_root, out)
     assert len(count_forwards) == 4 and "recomputing" in capsys.readouterr().err

@@ -11,10 +11,12 @@ import torch
 import yaml
 from PIL import Image
 
-import evaluate
+from seglab.evaluation.evaluate import EvalSettings, evaluate
 import figures
 import train
-from model import MSC, DeepLabV2, resize, scaled_size
+from seglab.models.msc import MSC
+from seglab.models.deeplabv2 import DeepLabV2
+from seglab.models.resize import resize, scaled_size
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ["atrous_fov.png", "network.png", "msc.png", "crf_iterations.png",
@@ -31,7 +33,7 @@ def tiny_run(tmp_path_factory):
     cfg = {
         "data": {"root": str(tmp / "demo"), "demo": True, "crop": 33, "workers": 0,
                  "demo_args": {"num_train": 4, "num_val": 3, "size": [40, 48], "seed": 1}},
-        "model": {"depth": 14, "width": 8, "rates": [1, 2], "frozen_bn": False},
+        "model": {"arch": {"depth": 14, "width": 8, "rates": [1, 2], "frozen_bn": False}},
         "train": {"init": "scratch", "iterations": 3, "effective_batch": 2, "batch_per_step": 1,
                   "base_lr": 0.01, "checkpoint_every": 3},
         "eval": {"after_train": False, "pad_to": PAD_TO},
@@ -40,9 +42,9 @@ def tiny_run(tmp_path_factory):
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     assert train.main(["--config", str(tmp / "tiny.yaml")]) == 0
     run = tmp / "runs" / "demo-tiny"
-    evaluate.evaluate(run / "checkpoints" / "final.pth", tmp / "demo", split="val",
-                      out_dir=run / "eval_val", pad_to=PAD_TO, crf=True, crf_workers=1,
-                      device="cpu", show_progress=False)
+    evaluate(run / "checkpoints" / "final.pth",
+             EvalSettings(data_root=str(tmp / "demo"), pad_to=PAD_TO, crf=True, crf_workers=1,
+                          device="cpu"), out_dir=run / "eval_val", show_progress=False)
     return run
 
 
@@ -119,10 +121,11 @@ def test_computed_trimap_matches_evaluate(tiny_run, tmp_path):
     widths = (1, 3, 10)
     run = figures.load_run(tiny_run)
     plain, crf = figures.compute_trimap(run, widths, workers=1)
-    scores = evaluate.evaluate(tiny_run / "checkpoints" / "final.pth", run.data_root(),
-                               split="val", out_dir=tmp_path / "ev", pad_to=PAD_TO, crf=True,
-                               crf_workers=1, device="cpu", trimap_widths=widths,
-                               show_progress=False, save_predictions=False)
+    scores = evaluate(tiny_run / "checkpoints" / "final.pth",
+                      EvalSettings(data_root=str(run.data_root()), pad_to=PAD_TO, crf=True,
+                                   crf_workers=1, device="cpu", trimap_widths=widths,
+                                   save_predictions=False),
+                      out_dir=tmp_path / "ev", show_progress=False)
     for ours, theirs in ((plain, scores["trimap"]), (crf, scores["crf"]["trimap"])):
         assert sorted(ours) == list(widths)
         for w in widths:
@@ -133,7 +136,9 @@ def test_computed_trimap_matches_evaluate(tiny_run, tmp_path):
     assert figures.trimap_from_scores({}, (1,)) is None
 
 
-def test_default_run_is_the_newest_demo_run_with_final_weights(tmp_path, monkeypatch):
+def test_default_run_is_the_documented_demo_run_never_the_newest(tmp_path, monkeypatch, capsys):
+    """A newer smoke run under runs/ must not become the figures' source (it once overwrote
+    Figures/msc.png): the default is runs/demo, and without it figures.py stops and says so."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(figures, "ROOT", tmp_path)
     with pytest.raises(figures.FigureError, match="train.py --config demo"):
@@ -143,8 +148,15 @@ def test_default_run_is_the_newest_demo_run_with_final_weights(tmp_path, monkeyp
         final.parent.mkdir(parents=True)
         final.write_bytes(b"x")
         os.utime(final, (mtime, mtime))
-    (tmp_path / "runs" / "demo-unfinished" / "checkpoints").mkdir(parents=True)
-    assert figures.default_run() == (tmp_path / "runs" / "demo-new").resolve()
+    with pytest.raises(figures.FigureError, match="runs/demo"):
+        figures.default_run()
+    assert figures.main(["--only", "msc", "--out", str(tmp_path / "fig")]) == 2
+    assert not (tmp_path / "fig").exists()
+    final = tmp_path / "runs" / "demo" / "checkpoints" / "final.pth"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"x")
+    assert figures.default_run() == Path("runs") / "demo" or \
+        figures.default_run().resolve() == (tmp_path / "runs" / "demo").resolve()
 
 
 def test_missing_run_or_scores_are_explained(tmp_path, capsys, tiny_run):

@@ -8,14 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 
 import infer
-from checkpoint import atomic_save, make_checkpoint
-from inference import Predictor
-from labels import load_image, voc_palette
-from model import DeepLabV2
+from seglab.inference.batch import find_images
+from seglab.inference.overlay import overlay
+from seglab.checkpoint import atomic_save, make_checkpoint
+from seglab.inference.predictor import Predictor
+from seglab.data.labels import voc_palette
+from seglab.data.images import load_image
+from seglab.models.deeplabv2 import DeepLabV2
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
@@ -85,8 +89,8 @@ def test_folder_with_a_corrupt_file(tmp_path, checkpoint, images, capsys):
         assert np.array_equal(labels, expect)
         seen |= set(np.unique(labels).tolist())
     assert len(seen) > 1  # the check above is not trivially all-background
-    config = json.loads((out / "config.json").read_text())
-    assert config["mode"] == "voc" and config["pad_to"] == 65
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["eval"]["mode"] == "voc" and config["eval"]["pad_to"] == 65
 
 
 def test_subprocess_exit_status_and_summary(tmp_path, checkpoint, images):
@@ -132,7 +136,7 @@ def test_overlay_tints_objects_and_lists_the_classes_found():
     labels[5:10, 5:10] = 3
     labels[0, 0] = 255
     names = ["background", "aeroplane", "bicycle", "bird"]
-    canvas = np.array(infer.overlay(image, labels, names))
+    canvas = np.array(overlay(image, labels, names))
     assert canvas.shape[0] >= 20 and canvas.shape[1] > 30
     part, obj = canvas[:20, :30], labels == 3
     assert np.array_equal(part[~obj], image[~obj])  # background and void untouched
@@ -151,7 +155,7 @@ def test_find_images_names(tmp_path):
         (folder / name).write_bytes(b"x")
     single = tmp_path / "single.jpeg"
     single.write_bytes(b"x")
-    found, missing = infer.find_images([folder, single, tmp_path / "nope"])
+    found, missing = find_images([folder, single, tmp_path / "nope"])
     names = {path.name: name.as_posix() for path, name in found}
     assert names == {"a.jpg": "in/a_jpg", "a.PNG": "in/a_png", "b.webp": "in/b",
                      "c.bmp": "in/deep/er/c", "single.jpeg": "single"}

@@ -6,12 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import atomic_save, make_checkpoint
-from config import DEFAULTS
-from inference import (Predictor, ShiftedASPP, bf16_supported, cast_conv_weights, class_names,
-                       fold_frozen_bn, select_device, state_dict_digest)
-from model import ASPP, MSC, ConvBN, DeepLabV2, FrozenBatchNorm2d, unwrap
-from transforms import CAFFE_MEAN_BGR
+from seglab.checkpoint import atomic_save, make_checkpoint
+from seglab.config import DEFAULTS
+from seglab.data.labels import class_names
+from seglab.device import DeviceError, bf16_supported, select_device
+from seglab.inference.predictor import Predictor, state_dict_digest
+from seglab.inference.rewrites import ShiftedASPP, cast_conv_weights, fold_frozen_bn
+from seglab.models.deeplabv2 import ASPP, DeepLabV2
+from seglab.models.msc import MSC
+from seglab.models.resnet import ConvBN, FrozenBatchNorm2d
+from seglab.models import unwrap
+from seglab.data.transforms import CAFFE_MEAN_BGR
 
 
 def tiny_net(seed=0, num_classes=5, **kw):
@@ -223,7 +228,7 @@ def test_bf16_weights_cast_once_equal_autocast_casting_them_every_call():
 
 
 def test_bf16_falls_back_to_fp32_with_a_warning(monkeypatch):
-    import inference
+    from seglab.inference import predictor as inference
     monkeypatch.setattr(inference, "bf16_supported", lambda device: False)
     with pytest.warns(RuntimeWarning, match="bf16 is not supported"):
         pred = Predictor(tiny_net(), device="cpu", precision="bf16")
@@ -254,7 +259,7 @@ def test_in_memory_identity_changes_with_the_weights():
 
 
 def test_inplace_activations_give_the_same_numbers():
-    from inference import InplaceBottleneck, InplaceResNet, use_inplace_activations
+    from seglab.inference.rewrites import InplaceBottleneck, InplaceResNet, use_inplace_activations
     import copy
     net = tiny_net()
     fast = use_inplace_activations(copy.deepcopy(net))

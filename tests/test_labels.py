@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import labels
-from labels import IGNORE, VOC_CLASSES, DataError, load_image, load_label, rgb_to_label, \
-    save_label_png, voc_palette
+from seglab.data import labels
+from seglab.data.labels import IGNORE, VOC_CLASSES, DataError, load_label, rgb_to_label, save_label_png, voc_palette
+from seglab.data.images import load_image
 
 
 def devkit_colormap() -> np.ndarray:

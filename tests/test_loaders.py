@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import VOCSegmentation
-from demo_data import make_demo_dataset
-from loaders import TrainSampler, dist_info, eval_loader, sample_seed, train_loader, worker_init_fn
-from transforms import EvalTransform, TrainTransform
+from seglab.data.voc import VOCSegmentation
+from seglab.data.demo import make_demo_dataset
+from seglab.data.loaders import TrainSampler, eval_loader, sample_seed, train_loader, worker_init_fn
+from seglab.training.distributed import dist_info
+from seglab.data.transforms import EvalTransform, TrainTransform
 
 
 def take(sampler, count):

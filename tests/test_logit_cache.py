@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from logit_cache import (LogitCacheError, cache_path, cached_ids, full_resolution_logits,
-                         load_logits, save_logits)
+from seglab.evaluation.logit_cache import LogitCacheError, cache_path, cached_ids, load_logits, save_logits
+from seglab.models.resize import full_resolution_logits
 
 
 def test_round_trip_is_float16_exact(tmp_path):

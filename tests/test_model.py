@@ -4,8 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (ASPP, MSC, DeepLabV2, FrozenBatchNorm2d, ResNet, caffe_scaled_size,
-                   param_groups, resize)
+from seglab.models import param_groups
+from seglab.models.deeplabv2 import ASPP, DeepLabV2
+from seglab.models.msc import MSC
+from seglab.models.resnet import FrozenBatchNorm2d, ResNet
+from seglab.models.resize import caffe_scaled_size, resize
 
 
 def count(m, trainable=False):

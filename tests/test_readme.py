@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from seglab.config import ConfigError, config_from_args
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -58,17 +60,29 @@ class Parsed(Exception):
 @pytest.mark.parametrize("argv", script_commands(), ids=lambda a: " ".join(a)[:60])
 def test_readme_command_is_accepted_by_its_parser(argv, monkeypatch):
     """Run the script's main() up to its argument parsing, then stop: a command the parser
-    rejects exits with status 2 and fails here."""
-    real = argparse.ArgumentParser.parse_args
+    rejects exits with status 2 and fails here. Then resolve its config the way the script
+    does: a mistyped `section.key`, a value of the wrong type or out of range fails too."""
+    for name in ("parse_args", "parse_intermixed_args"):
+        real = getattr(argparse.ArgumentParser, name)
 
-    def parse_then_stop(self, args=None, namespace=None):
-        result = real(self, args, namespace)
-        raise Parsed(result)
+        def parse_then_stop(self, args=None, namespace=None, real=real):
+            raise Parsed(real(self, args, namespace))
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        monkeypatch.setattr(argparse.ArgumentParser, name, parse_then_stop)
     module = importlib.import_module(Path(argv[0]).stem)
-    with pytest.raises(Parsed):
+    with pytest.raises(Parsed) as parsed:
         module.main(argv[1:])
+    args = parsed.value.args[0]
+    if hasattr(args, "overrides"):
+        if hasattr(args, "items"):  # infer.py: INPUTs and overrides share the positionals
+            args.overrides = [i for i in args.items if module.OVERRIDE.match(i)]
+        config_from_args(args)  # raises ConfigError for an unknown key or a bad value
+
+
+def test_the_readme_check_catches_a_mistyped_key():
+    args = argparse.Namespace(config="voc12", overrides=["train.base_lrr=1e-3"])
+    with pytest.raises(ConfigError, match="base_lrr"):
+        config_from_args(args)
 
 
 def test_the_readme_shows_commands_of_every_stage():

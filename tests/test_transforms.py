@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from labels import IGNORE
-from transforms import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD, VOC_SCALES, EvalTransform, \
-    TrainTransform, mean_fill_rgb, normalize, normalize_array, voc_padded_size
+from seglab.data.labels import IGNORE
+from seglab.data.transforms import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD, VOC_SCALES, EvalTransform, TrainTransform, mean_fill_rgb, normalize, normalize_array, voc_padded_size
 
 SEEDS = range(150)
 

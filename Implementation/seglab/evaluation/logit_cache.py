@@ -8,9 +8,7 @@ One file per image, `<cache_dir>/<image_id>.npz`, holding
 About 180 kB per VOC image (21 x 65 x 65 x 2 bytes). Files are written atomically (temp file,
 then rename), so an interrupted run never leaves half a file behind.
 
-`full_resolution_logits` is the one place that turns cached logits into full-resolution scores:
-upsample to the network's input size (Caffe's Interp, align_corners=True: 65 -> 513 is exactly
-Caffe's zoom x8) and crop the top-left image area (the evaluation pads bottom/right).
+`seglab.models.resize.full_resolution_logits` turns cached logits into full-resolution scores.
 """
 from __future__ import annotations
 
@@ -20,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atomic import atomic_output
-from model import resize
+from seglab.atomic import atomic_output
 
 
 class LogitCacheError(RuntimeError):
@@ -82,13 +79,3 @@ def load_logits(path) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         raise LogitCacheError(f"corrupt logit cache file {path} ({type(e).__name__}: {e}). "
                               "Delete it and run evaluate.py again to recompute it.") from e
     return torch.from_numpy(logits.astype(np.float32)), input_size, size
-
-
-def full_resolution_logits(logits, input_size, size, interp: str = "caffe") -> torch.Tensor:
-    """Upsample (C, h, w) logits to the network input size and crop the image: (C, H, W)."""
-    logits = torch.as_tensor(logits).float()
-    input_size, size = _pair(input_size, "input_size"), _pair(size, "size")
-    if size[0] > input_size[0] or size[1] > input_size[1]:
-        raise ValueError(f"image size {size} is larger than the network input size {input_size}")
-    full = resize(logits[None], input_size, interp)[0]
-    return full[:, :size[0], :size[1]].contiguous()

@@ -4,6 +4,7 @@ Reading order:
   normalize        RGB uint8 image -> float tensor, in the convention of the weights to be loaded:
                    "caffe"    BGR, 0..255, minus the mean (104.008, 116.669, 122.675), no std
                    "imagenet" RGB, 0..1, (x - mean) / std with torchvision's ImageNet values
+                   "tf"       RGB scaled to [-1, 1]: x / 127.5 - 1 (TensorFlow's DeepLab)
   mean_fill_rgb    the RGB colour that normalises to 0 (the "mean colour" images are padded with)
   TrainTransform   Caffe's ImageSegData transform: random scale, pad, random crop, random mirror
   EvalTransform    the VOC protocol (pad to 513) or the full image
@@ -19,12 +20,12 @@ import cv2
 import numpy as np
 import torch
 
-from labels import IGNORE
+from seglab.data.labels import IGNORE
 
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMS = ("caffe", "imagenet")
+NORMS = ("caffe", "imagenet", "tf")
 VOC_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
@@ -42,6 +43,8 @@ def normalize_array(image_rgb: np.ndarray, norm: str = "caffe") -> np.ndarray:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
     if norm == "caffe":
         return image[:, :, ::-1] - np.array(CAFFE_MEAN_BGR, np.float32)
+    if norm == "tf":
+        return image / np.float32(127.5) - np.float32(1.0)
     mean = np.array(IMAGENET_MEAN, np.float32)
     std = np.array(IMAGENET_STD, np.float32)
     return (image / 255.0 - mean) / std
@@ -63,6 +66,8 @@ def mean_fill_rgb(norm: str = "caffe") -> tuple[float, float, float]:
     if norm == "caffe":
         b, g, r = CAFFE_MEAN_BGR
         return (r, g, b)
+    if norm == "tf":
+        return (127.5, 127.5, 127.5)
     return tuple(255.0 * m for m in IMAGENET_MEAN)
 
 
@@ -124,11 +129,12 @@ class TrainTransform:
         return to_tensor(image), torch.from_numpy(label.astype(np.int64))
 
 
-def voc_padded_size(size: int, pad_to: int = 513) -> int:
-    """`pad_to`, or for a larger side the next size of the form 8k + 1 (output stride 8)."""
+def voc_padded_size(size: int, pad_to: int = 513, stride: int = 8) -> int:
+    """`pad_to`, or for a larger side the next size of the form stride x k + 1 (the network's
+    output grid then lands on input pixels: 8k + 1 for DeepLab v2's output stride 8)."""
     if size <= pad_to:
         return pad_to
-    return (size - 1 + 7) // 8 * 8 + 1
+    return (size - 1 + stride - 1) // stride * stride + 1
 
 
 class EvalTransform:
@@ -136,17 +142,18 @@ class EvalTransform:
 
     mode "voc":  the Caffe test protocol: pad bottom/right with the mean colour to pad_to x pad_to
                  (513: every VOC image fits). A side larger than pad_to is padded to the next size
-                 of the form 8k + 1 instead, so the network's output grid still lands on pixels.
+                 of the form stride x k + 1 instead (8k + 1 at output stride 8), so the
+                 network's output grid still lands on pixels.
     mode "full": the normalised image as it is.
     (H, W) is the original size, to crop predictions back to.
     """
 
-    def __init__(self, mode: str = "voc", pad_to: int = 513, norm: str = "caffe"):
+    def __init__(self, mode: str = "voc", pad_to: int = 513, norm: str = "caffe", stride: int = 8):
         _check_norm(norm)
         if mode not in ("voc", "full"):
             raise ValueError(f"unknown evaluation mode {mode!r}; use 'voc' (pad to {pad_to}) or "
                              "'full' (the image as it is)")
-        self.mode, self.pad_to, self.norm = mode, int(pad_to), norm
+        self.mode, self.pad_to, self.norm, self.stride = mode, int(pad_to), norm, int(stride)
 
     def __repr__(self):
         return f"EvalTransform(mode={self.mode!r}, pad_to={self.pad_to}, norm={self.norm!r})"
@@ -155,6 +162,7 @@ class EvalTransform:
         size = tuple(image.shape[:2])
         normalised = normalize_array(image, self.norm)
         if self.mode == "voc":
-            normalised = pad_crop(normalised, 0, 0, voc_padded_size(size[0], self.pad_to),
-                                  voc_padded_size(size[1], self.pad_to), 0.0)
+            normalised = pad_crop(normalised, 0, 0,
+                                  voc_padded_size(size[0], self.pad_to, self.stride),
+                                  voc_padded_size(size[1], self.pad_to, self.stride), 0.0)
         return to_tensor(normalised), size

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint
-from model import unwrap
+from seglab.checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint
+from seglab.models import unwrap
 
 LAST, FINAL = "last.pth", "final.pth"
 

@@ -13,15 +13,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, default_collate
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of this process; (0, 1) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def sample_seed(seed: int, position: int) -> int:

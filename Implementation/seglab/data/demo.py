@@ -31,12 +31,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from labels import IGNORE, VOC_CLASSES, atomic_output, save_label_png
+from seglab.data.labels import IGNORE, VOC_CLASSES, save_label_png
+
+from seglab.atomic import atomic_output
+from seglab.data.images import DataError
 
 DEMO_CLASSES = (1, 8, 12, 15)  # aeroplane, cat, dog, person: well-separated colours/textures
 GENERATOR_VERSION = 1          # bump when the drawing changes, so old demo sets are rewritten
 JPEG_QUALITY = 90
 SPLIT_CODES = {"train": 0, "val": 1}
+OWNER_MARK = "GENERATED_BY_DEMO.txt"  # written first: the folder is the generator's to rewrite
 
 
 def class_style(class_index: int) -> tuple[np.ndarray, int, int]:
@@ -161,7 +165,17 @@ def make_demo_dataset(root, num_train: int = 60, num_val: int = 20, size=(160, 1
     voc = root / "VOCdevkit" / "VOC2012"
     splits = {"train": demo_ids("train", num_train), "val": demo_ids("val", num_val)}
     all_ids = splits["train"] + splits["val"]
-    marker = root / "demo.json"
+    marker, owner = root / "demo.json", root / OWNER_MARK
+    if root.is_dir() and any(root.iterdir()) and not (owner.is_file() or marker.is_file()):
+        raise DataError(f"{root} already holds files that the demo generator did not write "
+                        f"({', '.join(sorted(p.name for p in root.iterdir())[:4])}); it writes "
+                        "only into a new folder or one it made itself. Pick another data.root "
+                        "for the demo, or drop data.demo=true to train on the data in "
+                        f"{root}.")
+    root.mkdir(parents=True, exist_ok=True)
+    if not owner.is_file():
+        owner.write_text("This folder was written by the synthetic demo generator "
+                         "(seglab/data/demo.py), which may rewrite it.\n")
     if marker.is_file() and json.loads(marker.read_text()) == params and all(
             (voc / "JPEGImages" / f"{i}.jpg").is_file()
             and (voc / "SegmentationClass" / f"{i}.png").is_file() for i in all_ids):

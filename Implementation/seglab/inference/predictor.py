@@ -41,162 +41,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoint import load_checkpoint, load_model_weights, sha256
-from config import DEFAULTS
-from model import ASPP, MSC, Bottleneck, ConvBN, DeepLabV2, ResNet, unwrap
+from seglab.checkpoint import load_checkpoint, load_model_weights, sha256
+from seglab.config import DEFAULTS
+from seglab.device import bf16_supported, select_device
+from seglab.inference.rewrites import cast_conv_weights
+from seglab.models import architecture, build_model, unwrap
+from seglab.models.msc import MSC
+from seglab.models.resize import full_resolution_logits
+from seglab.data.labels import class_names  # noqa: F401  (re-exported)
+from seglab.data.transforms import EvalTransform
 
 PRECISIONS = ("fp32", "bf16")
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """'auto' -> the first CUDA device if there is one, else the CPU; else torch.device(name)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but this machine has no CUDA device. "
-                           "Use --device cpu (or auto).")
-    return device
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast runs natively: CUDA with bf16, or a CPU oneDNN build with
-    bf16 instructions (AVX512-BF16 / AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.backends.mkldnn.is_available()
-                        and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def fold_frozen_bn(net: nn.Module, inplace: bool = False) -> nn.Module:
-    """A deep copy of `net` (`net` itself with inplace=True) in which every ConvBN's BatchNorm is
-    folded into its convolution:
-
-        BN(conv(x)) = gamma * (W*x - mean) / sqrt(var + eps) + beta
-                    = (W * s) * x + (beta - mean * s),   s = gamma / sqrt(var + eps)
-
-    so the conv gets the scaled weights and a bias, and the BN becomes nn.Identity. This equals
-    the original only while BN uses its running statistics, i.e. frozen BN or eval mode: the
-    result is returned in eval mode and is meant for inference only. Computed in float64.
-    """
-    folded = (net if inplace else copy.deepcopy(net)).eval()
-    for module in folded.modules():
-        if not isinstance(module, ConvBN) or isinstance(module.bn, nn.Identity):
-            continue
-        conv, bn = module.conv, module.bn
-        if bn.running_mean is None or bn.running_var is None:
-            raise ValueError("fold_frozen_bn needs BatchNorm running statistics "
-                             "(track_running_stats=True)")
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        shift = bn.bias.double() - bn.running_mean.double() * scale
-        bias = shift if conv.bias is None else shift + conv.bias.double() * scale
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                          conv.padding, conv.dilation, conv.groups, bias=True,
-                          device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-            fused.bias.copy_(bias)
-        fused.requires_grad_(False)
-        module.conv, module.bn = fused, nn.Identity()
-    return folded
-
-
-class ShiftedASPP(nn.Module):
-    """ASPP for inference, computed as one 1x1 convolution followed by shifted sums.
-
-    A 3x3 convolution with dilation r is a sum over its 9 taps: tap (ky, kx) applies the 1x1
-    weights W[:, :, ky, kx] to the input shifted by ((ky-1) r, (kx-1) r), zero outside. Stacking
-    the taps of all branches gives one 1x1 convolution from 2048 to 9 x branches x C channels: a
-    single large matrix product, which the CPU's AMX/AVX-512 and a GPU's tensor cores run at full
-    speed, where the four dilated 2048 -> 21 convolutions ran at 40-80 GFLOP/s in bf16 on the
-    benchmark machine (a quarter of the whole bf16 MSC forward pass). Each tap's C channels are
-    then added at its offset, in float32, and the branch biases once. The same sum as ASPP in a
-    different order: equal up to float rounding. The parameters are copied from `aspp`.
-    """
-
-    def __init__(self, aspp: ASPP):
-        super().__init__()
-        convs = aspp.branches()
-        self.num_classes = convs[0].out_channels
-        # (C, K, 3, 3) -> taps-major (3, 3, C, K) -> (9 C, K, 1, 1), one block of C per tap
-        weight = torch.cat([conv.weight.permute(2, 3, 0, 1).reshape(-1, conv.in_channels)
-                            for conv in convs])
-        self.register_buffer("weight", weight[:, :, None, None].detach().clone())
-        bias = torch.zeros(self.num_classes, device=weight.device)
-        for conv in convs:
-            if conv.bias is not None:
-                bias += conv.bias.detach().float()
-        self.register_buffer("bias", bias)  # stays float32, added to the float32 sum
-        self.offsets = [((ky - 1) * rate, (kx - 1) * rate)
-                        for rate in aspp.rates for ky in range(3) for kx in range(3)]
-
-    def forward(self, x):
-        taps = nn.functional.conv2d(x, self.weight)
-        n, _, h, w = taps.shape
-        out = self.bias.view(1, -1, 1, 1).repeat(n, 1, h, w)
-        c = self.num_classes
-        for t, (dy, dx) in enumerate(self.offsets):
-            if abs(dy) >= h or abs(dx) >= w:
-                continue  # the tap only ever reads the zero padding
-            # out[i, j] += tap[i + dy, j + dx] wherever i + dy, j + dx lie inside the map
-            out[:, :, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] += \
-                taps[:, t * c:(t + 1) * c, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
-        return out
-
-
-def use_shifted_aspp(net: nn.Module) -> nn.Module:
-    """Replace (in place) the ASPP of the DeepLabV2 inside `net` by its ShiftedASPP."""
-    deeplab = unwrap(net)
-    deeplab.aspp = ShiftedASPP(deeplab.aspp)
-    return net
-
-
-def cast_conv_weights(net: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Store every convolution's weight and bias in `dtype` (in place), once: autocast would
-    cast them on every call (it caches casts only of parameters that require grad), to the
-    same values."""
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            module.to(dtype)
-        elif isinstance(module, ShiftedASPP):
-            module.weight = module.weight.to(dtype)
-    return net
-
-
-class InplaceBottleneck(Bottleneck):
-    """Bottleneck.forward with in-place ReLU and residual sum: the same numbers, fewer
-    allocations and memory passes. Inference only (autograd needs the overwritten inputs)."""
-
-    def forward(self, x):
-        h = self.reduce(x).relu_()
-        h = self.conv3x3(h).relu_()
-        h = self.increase(h)
-        h += self.shortcut(x) if self.shortcut is not None else x
-        return h.relu_()
-
-
-class InplaceResNet(ResNet):
-    """ResNet.forward with the stem's ReLU in place. Inference only."""
-
-    def forward(self, x):
-        x = self.pool1(self.conv1(x).relu_())
-        return self.res5(self.res4(self.res3(self.res2(x))))
-
-
-def use_inplace_activations(net: nn.Module) -> nn.Module:
-    """Switch `net`'s Bottleneck and ResNet modules (in place) to their in-place-activation
-    forms; their parameters and state_dict keys stay as they are."""
-    for module in net.modules():
-        if type(module) is Bottleneck:
-            module.__class__ = InplaceBottleneck
-        elif type(module) is ResNet:
-            module.__class__ = InplaceResNet
-    return net
 
 
 def state_dict_digest(net: nn.Module) -> str:
@@ -207,12 +62,6 @@ def state_dict_digest(net: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def class_names(num_classes: int) -> list[str]:
-    """The VOC class names of label values 0..num_classes-1 (the index itself beyond 20)."""
-    from labels import VOC_CLASSES
-    return [VOC_CLASSES[i] if i < len(VOC_CLASSES) else str(i) for i in range(num_classes)]
 
 
 def _find_msc(source):
@@ -263,16 +112,17 @@ class Predictor:
                       _config_value(self.checkpoint or {}, "model", "interp"))
         if norm is None:
             ckpt = self.checkpoint or {}
-            norm = ckpt.get("input_norm") or _config_value(ckpt, "data", "norm")
+            norm = (ckpt.get("input_norm") or (ckpt.get("config") or {}).get("data", {}).get("norm")
+                    or architecture(net.arch).input_norm)
         self.msc_scales, self.interp, self.norm = tuple(msc_scales), interp, norm
         self.num_classes = net.arch["num_classes"]
+        self.output_stride = architecture(net.arch).output_stride(net.arch)
         self.fold_bn, self.channels_last = fold_bn, channels_last
         self.shifted_aspp = shifted_aspp
 
-        net = fold_frozen_bn(net, inplace=True) if fold_bn else net.eval()
-        net = use_inplace_activations(net.requires_grad_(False))
-        if shifted_aspp:
-            net = use_shifted_aspp(net)
+        spec = architecture(net.arch)
+        if spec.prepare_inference is not None:
+            net = spec.prepare_inference(net, fold_bn=fold_bn, shifted_aspp=shifted_aspp)
         model = MSC(net, self.msc_scales, interp) if self.msc_scales else net
         model = model.eval().requires_grad_(False).to(self.device)
         if channels_last:
@@ -299,7 +149,7 @@ class Predictor:
         else:
             where = Path(source)
             ckpt, identity = load_checkpoint(where), "sha256:" + sha256(where)
-        net = DeepLabV2(**ckpt["arch"])
+        net = build_model(ckpt["arch"])
         load_model_weights(net, ckpt, str(where))
         if identity is None:
             identity = "weights:" + state_dict_digest(net)
@@ -330,17 +180,16 @@ class Predictor:
         return y if batched else y[0]
 
     def transform(self, mode: str = "voc", pad_to: int = 513):
-        from transforms import EvalTransform
         key = (mode, pad_to)
         if key not in self._transforms:
-            self._transforms[key] = EvalTransform(mode=mode, pad_to=pad_to, norm=self.norm)
+            self._transforms[key] = EvalTransform(mode=mode, pad_to=pad_to, norm=self.norm,
+                                                  stride=self.output_stride)
         return self._transforms[key]
 
     def predict(self, image_rgb: np.ndarray, mode: str = "voc", pad_to: int = 513):
         """Labels and full-resolution logits for one RGB uint8 image (H, W, 3):
         `mode="voc"` pads bottom/right to `pad_to` (the VOC protocol), "full" feeds the image as
         is. Returns (labels (H, W) uint8 numpy array, logits FloatTensor (C, H, W))."""
-        from logit_cache import full_resolution_logits
         x, size = self.transform(mode, pad_to)(image_rgb)
         full = full_resolution_logits(self.logits(x), tuple(x.shape[-2:]), tuple(size),
                                       interp=self.interp)

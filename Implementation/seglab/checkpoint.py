@@ -2,13 +2,17 @@
 `weights_only=True`, written atomically (temp file + rename) so a crash never leaves half a file.
 
     {
-      "format": "deeplab-v2", "version": 1,
-      "arch": {...DeepLabV2 kwargs...},          # rebuilds the network (model.build_model)
-      "model": state_dict of DeepLabV2 (no MSC / DDP prefixes),
+      "format": "seglab", "version": 1,
+      "arch": {"name": ..., ...its options...},  # rebuilds the network (models.build_model)
+      "model": state_dict of the bare network (no MSC / DDP prefixes),
       "trained_on": "train_aug" | "trainval" | ... | None,   # which split the weights saw
+      "input_norm": "caffe" | "imagenet" | "tf",  # how its inputs were normalised
       "provenance": {...},                       # source file, sha256, converter, notes
       # training checkpoints also carry: optimizer, iteration, rng, config
     }
+
+Checkpoints written before the pipeline had several architectures say format "deeplab-v2" and
+have no arch name: they load as DeepLab v2.
 """
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from atomic import atomic_output
+from seglab.atomic import atomic_output
+from seglab.models import normalize_arch
 
-FORMAT, VERSION = "deeplab-v2", 1
+FORMAT, VERSION = "seglab", 1
+FORMATS_READ = (FORMAT, "deeplab-v2")
 
 
 class CheckpointError(RuntimeError):
@@ -42,7 +48,7 @@ def atomic_save(obj, path) -> Path:
 
 
 def make_checkpoint(arch: dict, state_dict: dict, trained_on=None, provenance=None, **extra) -> dict:
-    return dict(format=FORMAT, version=VERSION, arch=dict(arch),
+    return dict(format=FORMAT, version=VERSION, arch=normalize_arch(arch),
                 model={k: v.detach().cpu() for k, v in state_dict.items()},
                 trained_on=trained_on, provenance=dict(provenance or {}), **extra)
 
@@ -55,19 +61,21 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}. Is it a deeplab-v2 checkpoint? "
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}. Is it a checkpoint of this project? "
                               "Published/Caffe/torchvision weights must first go through "
                               "`python Implementation/convert.py`.") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a deeplab-v2 checkpoint (no format={FORMAT!r} field). "
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS_READ:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no format={FORMAT!r} "
+                              "field). "
                               "Convert foreign weights with `python Implementation/convert.py`.")
     return ckpt
 
 
 def check_arch(ckpt: dict, arch: dict, path="checkpoint") -> None:
     """Raise if a checkpoint was made for another architecture than `arch`."""
-    diff = {k: (ckpt["arch"].get(k), v) for k, v in arch.items()
-            if k != "frozen_bn" and ckpt["arch"].get(k) != v}  # freezing is a training choice
+    theirs, ours = normalize_arch(ckpt["arch"]), normalize_arch(arch)
+    diff = {k: (theirs.get(k), v) for k, v in ours.items()
+            if k != "frozen_bn" and theirs.get(k) != v}  # freezing is a training choice
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{path} is for another architecture ({lines}). "
@@ -75,7 +83,7 @@ def check_arch(ckpt: dict, arch: dict, path="checkpoint") -> None:
 
 
 def load_model_weights(net, ckpt: dict, path="checkpoint") -> None:
-    """Copy a checkpoint's weights into a DeepLabV2, failing clearly on any mismatch."""
+    """Copy a checkpoint's weights into a network, failing clearly on any mismatch."""
     check_arch(ckpt, net.arch, path)
     missing, unexpected = net.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from atomic import atomic_output  # noqa: F401  (re-exported: datasets, demo_data use it)
+from seglab.atomic import atomic_output
+from seglab.data.images import DataError, open_image  # noqa: F401  (DataError re-exported)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -30,11 +31,6 @@ VOC_CLASSES = (
 IGNORE = 255
 
 # PIL errors that mean "this file is not a readable image" (UnidentifiedImageError is an OSError).
-_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class DataError(ValueError):
-    """Bad or missing data. The message names the file, says what is wrong and how to fix it."""
 
 
 def voc_palette() -> np.ndarray:
@@ -92,20 +88,6 @@ def save_label_png(path, label: np.ndarray) -> Path:
     return Path(path)
 
 
-def _open(path, what: str) -> Image.Image:
-    """Open and fully decode an image file, or raise a DataError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    try:
-        image = Image.open(path)
-        image.load()  # decode now: truncated or corrupt files fail here, not later
-    except _READ_ERRORS as e:
-        raise DataError(f"cannot read {what} {path}: {e}. The file is corrupt, truncated or not "
-                        "an image; re-extract or re-create it.") from e
-    return image
-
-
 def load_label(path, image_size=None, num_classes: int | None = len(VOC_CLASSES)) -> np.ndarray:
     """Read a label PNG as (H, W) uint8 and check it.
 
@@ -114,7 +96,7 @@ def load_label(path, image_size=None, num_classes: int | None = len(VOC_CLASSES)
     value check. Anything else is a DataError naming the file, the problem and the fix.
     """
     path = Path(path)
-    image = _open(path, "label")
+    image = open_image(path, "label")
     if image.mode in ("RGB", "RGBA"):
         raise DataError(
             f"label {path} is a {image.mode} colour image; labels must be single-channel PNGs whose "
@@ -143,23 +125,6 @@ def load_label(path, image_size=None, num_classes: int | None = len(VOC_CLASSES)
     return label
 
 
-def load_image(path) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB with PIL (as torchvision does).
-
-    Grayscale and palette images are expanded to RGB, alpha is dropped, 16-bit grayscale is
-    scaled to 8 bit (value * 255 / 65535, rounded). A missing, corrupt or unreadable file is a
-    DataError naming it.
-    """
-    path = Path(path)
-    image = _open(path, "image")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        values = np.asarray(image).astype(np.float64)
-        if image.mode == "I" and (values.min() < 0 or values.max() > 65535):
-            raise DataError(f"image {path} holds 32-bit values outside 0..65535; save it as an "
-                            "8-bit RGB JPEG or PNG.")
-        gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode == "F":
-        raise DataError(f"image {path} is a floating-point image; save it as an 8-bit RGB JPEG or "
-                        "PNG.")
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+def class_names(num_classes: int) -> list[str]:
+    """The VOC class names of label values 0..num_classes-1 (the index itself beyond 20)."""
+    return [VOC_CLASSES[i] if i < len(VOC_CLASSES) else str(i) for i in range(num_classes)]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from permutohedral import PermutohedralLattice
+from seglab.densecrf.permutohedral import PermutohedralLattice
 
 NORMALIZATIONS = ("after", "symmetric", "before", "none")
 _EXP_SAFE = 64.0        # exp(64) * labels stays far below float32's maximum (3.4e38)

@@ -1,0 +1,35 @@
+"""The data sets every script reads, behind one interface: a name -> a dataset class.
+
+A dataset class takes (root, split, transform, num_classes) and gives, per index i, the dict
+{"image", "label", "id", "size"}; `ids`, `image_path(i)`, `label_path(i)` and
+`load_label(i, size)` (the checked label) serve evaluation, the CRF and the split check.
+"""
+from __future__ import annotations
+
+from seglab.data.transforms import TrainTransform
+from seglab.data.voc import VOCSegmentation
+
+DATASETS = {
+    "voc": VOCSegmentation,
+}
+
+
+def dataset_class(name: str):
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+def training_dataset(cfg: dict):
+    """data.train_split of data.dataset under data.root, with the training transform."""
+    d = cfg["data"]
+    transform = TrainTransform(crop=d["crop"], scales=tuple(d["scales"]), mirror=d["mirror"],
+                               norm=d["norm"])
+    return dataset_class(d["dataset"])(d["root"], d["train_split"], transform,
+                                       num_classes=d["num_classes"])
+
+
+def eval_dataset(settings, transform=None):
+    """settings.split of settings.dataset under settings.data_root (an EvalSettings)."""
+    return dataset_class(settings.dataset)(settings.data_root, settings.split, transform,
+                                           num_classes=settings.num_classes)

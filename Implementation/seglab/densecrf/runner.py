@@ -1,0 +1,166 @@
+"""The dense CRF on many images in parallel worker processes, with a progress bar.
+
+pydensecrf holds the GIL, so images run in separate worker processes ("spawn" start method, one
+torch thread each). Workers receive file paths, not arrays, and load one image and its cached
+logits themselves, so memory stays at about one image per worker and the messages between
+processes stay tiny (a label map, or just a confusion matrix when the job has a ground truth).
+A job that fails is reported with its image id and error; the others finish.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import traceback
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from seglab.data.labels import load_label, save_label_png
+from seglab.densecrf.dense_crf import DenseCRF, load_crf_inputs, resolve_backend
+from seglab.densecrf.params import CRFParams
+from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator
+
+
+class CRFJob(NamedTuple):
+    """One CRF run. `out_path`: write the labels there as a palette PNG. `gt_path`: score the
+    labels against this label PNG (the result then carries a ConfusionMatrix). `params`:
+    overrides run_crf's parameters (the search's settings). `tag`: returned with the result."""
+    image_id: str
+    image_path: str
+    logits_path: str
+    out_path: str | None = None
+    gt_path: str | None = None
+    params: CRFParams | None = None
+    tag: Any = None
+
+
+class CRFResult(NamedTuple):
+    image_id: str
+    tag: Any
+    labels: np.ndarray | None           # (H, W) uint8, when run_crf(return_labels=True)
+    confusion: ConfusionMatrix | None   # when the job has a gt_path
+    trimap: TrimapEvaluator | None      # when the job has a gt_path and trimap_widths are given
+    out_path: str | None                # the PNG written, if any
+    started: float                      # time.time() when the worker began the job
+    seconds: float                      # the job's wall time in the worker
+    cpu_seconds: float                  # the worker's CPU time for the job
+
+
+class CRFFailure(NamedTuple):
+    image_id: str
+    error: str
+    tag: Any = None
+
+
+class _Settings(NamedTuple):
+    params: CRFParams
+    backend: str
+    device: str
+    interp: str
+    return_labels: bool
+    trimap_widths: tuple | None
+
+
+# The last image a worker prepared: the search runs every setting on one image in a row.
+_PREPARED: dict = {}
+
+
+def _prepare(job: CRFJob, interp: str):
+    key = (job.image_path, job.logits_path, interp)
+    if key not in _PREPARED:
+        _PREPARED.clear()
+        _PREPARED[key] = load_crf_inputs(job.image_path, job.logits_path, interp)
+    return _PREPARED[key]
+
+
+def _run_job(item: tuple[int, CRFJob, _Settings]):
+    """Worker body: one job -> (index, CRFResult | CRFFailure). Never raises."""
+    index, job, s = item
+    started, cpu_started = time.time(), time.process_time()
+    try:
+        image, unary = _prepare(job, s.interp)
+        h, w = image.shape[:2]
+        crf = DenseCRF(job.params or s.params, s.backend, s.device)
+        pred = crf.infer(image, unary).argmax(0).reshape(h, w).astype(np.uint8)
+        confusion = trimap = None
+        if job.gt_path is not None:
+            gt = load_label(job.gt_path, image_size=(h, w), num_classes=unary.shape[0])
+            confusion = ConfusionMatrix(unary.shape[0]).update(pred, gt)
+            if s.trimap_widths:
+                trimap = TrimapEvaluator(s.trimap_widths, unary.shape[0]).update(pred, gt)
+        if job.out_path is not None:
+            save_label_png(job.out_path, pred)
+        return index, CRFResult(job.image_id, job.tag, pred if s.return_labels else None,
+                                confusion, trimap, job.out_path, started, time.time() - started,
+                                time.process_time() - cpu_started)
+    except Exception as e:  # one bad image must not stop the others
+        detail = traceback.format_exception_only(type(e), e)[-1].strip()
+        return index, CRFFailure(job.image_id, f"{detail} (image {job.image_path}, "
+                                               f"logits {job.logits_path})", job.tag)
+
+
+def _init_worker():
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def default_workers(backend: str = "pydensecrf", device: str = "cpu") -> int:
+    """All cores for CPU CRFs; one process for a GPU (it parallelises inside)."""
+    return 1 if backend == "torch" and str(device).startswith("cuda") else (os.cpu_count() or 1)
+
+
+def iter_crf(jobs: Iterable, params: CRFParams | None = None, workers: int | None = None,
+             backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
+             return_labels: bool = False, trimap_widths=None, progress: bool = True,
+             desc: str = "CRF", unit: str = "img") -> Iterator[tuple[int, CRFResult | CRFFailure]]:
+    """Run the CRF on every job and yield (job index, result or failure) as they complete.
+
+    workers=1 runs in this process; more start a "spawn" pool (one torch thread per worker,
+    jobs handed out one at a time for load balance)."""
+    jobs = [job if isinstance(job, CRFJob) else CRFJob(*job) for job in jobs]
+    backend = resolve_backend(backend)  # the workers get the backend that is there
+    settings = _Settings(params or CRFParams(), backend, device, interp, return_labels,
+                         tuple(trimap_widths) if trimap_widths else None)
+    DenseCRF(settings.params, backend, device)  # fail here, not in every worker
+    workers = min(workers or default_workers(backend, device), max(1, len(jobs)))
+    items = [(i, job, settings) for i, job in enumerate(jobs)]
+    failures = 0
+    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
+        if workers == 1:
+            outputs: Iterable = map(_run_job, items)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+            outputs = pool.imap_unordered(_run_job, items, chunksize=1)
+        try:
+            for index, out in outputs:
+                if isinstance(out, CRFFailure):
+                    failures += 1
+                    bar.set_postfix(failed=failures)
+                bar.update(1)
+                yield index, out
+        finally:
+            _PREPARED.clear()  # the in-process run's last image
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+
+
+def run_crf(jobs: Iterable, params: CRFParams | None = None, workers: int | None = None,
+            backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
+            return_labels: bool = False, trimap_widths=None, progress: bool = True,
+            desc: str = "CRF") -> tuple[list[CRFResult], list[CRFFailure]]:
+    """Run the CRF on every job: (results, failures), each in job order.
+
+    A job is a CRFJob or a tuple (image_id, image_path, logits_npz_path, out_png_path_or_None
+    [, gt_path]). Each worker loads the image and its cached logits itself, upsamples the
+    logits (logit_cache.full_resolution_logits), runs the CRF, writes the PNG if asked, and
+    returns the labels (return_labels=True) and/or the confusion matrix against gt_path."""
+    done = sorted(iter_crf(jobs, params, workers, backend, device, interp, return_labels,
+                           trimap_widths, progress, desc), key=lambda pair: pair[0])
+    results = [out for _, out in done if isinstance(out, CRFResult)]
+    failures = [out for _, out in done if isinstance(out, CRFFailure)]
+    return results, failures

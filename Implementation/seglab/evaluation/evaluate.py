@@ -1,0 +1,324 @@
+"""Evaluation on a split: inference with the VOC protocol (MSC by default), a logit cache, scores,
+and optionally the dense CRF (stage two) on the cached logits.
+
+Protocol: each image is padded bottom/right to 513 with the mean colour (`eval.mode=voc`; a
+larger image to the next size the output stride divides), goes through the network (MSC: scales
+1, 0.75, 0.5, max-fused), and its logits are upsampled to the padded size (Caffe Interp) and
+cropped back to the image; `eval.mode=full` feeds the unpadded image instead. Scores come from
+one confusion matrix over the whole split (metrics.py).
+
+Outputs, all in one folder (default: `<run>/eval_<split>/` beside the checkpoint):
+  logits/<id>.npz      the network's logits, float16 at the output stride (logit_cache.py); the
+                       CRF, the CRF search and later runs reuse them instead of recomputing
+  logits/cache.json    what made them (checkpoint sha256, MSC scales, resize, input
+                       normalisation, precision, protocol): a cache made otherwise is recomputed
+  pred/<id>.png        predicted labels as VOC palette PNGs (pred_crf/ with the CRF)
+  scores.json          pixel acc, mean class acc, per-class IoU, mIoU, fwIoU (+ trimap bands)
+  scores_crf.json      the same after the CRF
+  per_class.txt        the printed per-class table(s)
+  config.json          the resolved settings and the predictor's
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from seglab.data.labels import class_names, load_label, save_label_png
+from seglab.data.loaders import eval_loader
+from seglab.data.registry import eval_dataset
+from seglab.data.transforms import EvalTransform
+from seglab.densecrf.params import CRFParams, crf_params_from_config
+from seglab.densecrf.runner import CRFJob, run_crf
+from seglab.evaluation.logit_cache import LogitCacheError, cache_path, load_logits, save_logits
+from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator, format_table
+from seglab.inference.predictor import Predictor
+from seglab.models.resize import full_resolution_logits
+from seglab.weights.provenance import warn_if_trained_on
+
+CACHE_INFO = "cache.json"
+CACHE_KEYS = ("identity", "msc_scales", "interp", "norm", "precision", "mode", "pad_to",
+              "num_classes")
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation could not produce complete scores (e.g. the CRF failed on some images)."""
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """Everything an evaluation run needs besides the model: one object, made from the config
+    (`from_config`) by every script, or directly in code and tests."""
+    data_root: str = "data"
+    split: str = "val"
+    num_classes: int = 21
+    dataset: str = "voc"
+    mode: str = "voc"
+    pad_to: int = 513
+    precision: str = "fp32"
+    device: str = "auto"
+    norm: str | None = None              # None: the checkpoint's input normalisation
+    trimap_widths: tuple | None = None
+    limit: int | None = None
+    loader_workers: int = 0
+    save_predictions: bool = True
+    recompute: bool = False
+    crf: bool = False
+    crf_params: CRFParams = dataclasses.field(default_factory=CRFParams)
+    crf_backend: str = "pydensecrf"
+    crf_workers: int = 0                 # 0: all cores
+
+    def __post_init__(self):
+        if self.mode not in ("voc", "full"):
+            raise ValueError(f"mode must be 'voc' or 'full', got {self.mode!r}")
+
+    @classmethod
+    def from_config(cls, cfg: dict, **overrides) -> "EvalSettings":
+        d, e, c = cfg["data"], cfg["eval"], cfg["crf"]
+        norm = d["norm"] if d["norm"] != "auto" else None
+        settings = cls(data_root=d["root"], split=d["val_split"], num_classes=d["num_classes"],
+                       dataset=d.get("dataset", "voc"), mode=e["mode"], pad_to=e["pad_to"],
+                       precision=e["precision"], device=cfg["run"]["device"], norm=norm,
+                       trimap_widths=tuple(e["trimap"]) or None, limit=e["limit"] or None,
+                       loader_workers=e["loader_workers"],
+                       save_predictions=e["save_predictions"], recompute=e["recompute"],
+                       crf=e["crf"], crf_params=crf_params_from_config(c),
+                       crf_backend=c["backend"], crf_workers=c["workers"])
+        return dataclasses.replace(settings, **overrides)
+
+    def to_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), crf_params=self.crf_params.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def default_out_dir(checkpoint, split: str) -> Path:
+    """`<run>/eval_<split>/`: beside the run folder of `<run>/checkpoints/x.pth`, else beside
+    the checkpoint file."""
+    parent = Path(checkpoint).resolve().parent
+    run = parent.parent if parent.name == "checkpoints" else parent
+    return run / f"eval_{split}"
+
+
+def json_safe(value):
+    """NaN/inf -> None and numpy scalars -> Python, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def prepare_cache(cache_dir: Path, key: dict, recompute: bool) -> None:
+    """Keep the cached logits only if cache.json says the same settings made them; otherwise
+    (or with recompute) delete them and write the new cache.json."""
+    info = cache_dir / CACHE_INFO
+    old = None
+    if info.is_file():
+        try:
+            old = json.loads(info.read_text())
+        except ValueError:
+            old = None
+    stale = list(cache_dir.glob("*.npz"))
+    if old != key or recompute:
+        if stale:
+            why = ("--recompute" if recompute else
+                   "it was made by another checkpoint or other settings" if old else
+                   f"it has no readable {CACHE_INFO}")
+            print(f"logit cache {cache_dir}: recomputing {len(stale)} files ({why})",
+                  file=sys.stderr)
+            for p in stale:
+                p.unlink()
+        write_json(info, key)
+
+
+def cached_indices(dataset, indices, cache_dir: Path) -> set:
+    """The images whose cache file is readable and for an image of its label's size (else the
+    data set changed under the cache)."""
+    cached = set()
+    for i in indices:
+        path = cache_path(cache_dir, dataset.ids[i])
+        if not path.is_file():
+            continue
+        try:
+            _, _, size = load_logits(path)
+        except LogitCacheError as e:
+            print(f"{e} Recomputing it.", file=sys.stderr)
+            continue
+        with Image.open(dataset.label_path(i)) as label_file:
+            label_size = (label_file.height, label_file.width)
+        if size == label_size:
+            cached.add(i)
+        else:
+            print(f"cached logits {path} are for a {size[0]}x{size[1]} image but the label "
+                  f"{dataset.label_path(i)} is {label_size[0]}x{label_size[1]}: recomputing",
+                  file=sys.stderr)
+    return cached
+
+
+# ---------------------------------------------------------------------------------------------
+# The three passes: network, scores, CRF
+# ---------------------------------------------------------------------------------------------
+
+def network_pass(predictor, dataset, missing, cache_dir, s: EvalSettings, progress) -> float:
+    """Run the network on the images in `missing` and cache their logits; returns seconds."""
+    started = time.perf_counter()
+    if missing:
+        loader = eval_loader(Subset(dataset, missing), num_workers=s.loader_workers)
+        for sample in tqdm(loader, total=len(missing), desc=f"network ({s.split})", unit="img",
+                           disable=not progress):
+            logits = predictor.logits(sample["image"])
+            if not torch.isfinite(logits).all():
+                raise EvaluationError(f"the network produced non-finite logits for image "
+                                      f"{sample['id']}: the weights are broken (NaN/Inf); no "
+                                      "scores were written")
+            save_logits(cache_path(cache_dir, sample["id"]), logits,
+                        tuple(sample["image"].shape[-2:]), tuple(int(v) for v in sample["size"]))
+    return time.perf_counter() - started
+
+
+def score_pass(dataset, indices, cache_dir, out_dir, interp, s: EvalSettings, progress):
+    """(confusion matrix, trimap evaluator or None) of the cached logits."""
+    confusion = ConfusionMatrix(s.num_classes)
+    trimap = TrimapEvaluator(s.trimap_widths, s.num_classes) if s.trimap_widths else None
+    for i in tqdm(indices, desc=f"scoring ({s.split})", unit="img", disable=not progress):
+        image_id = dataset.ids[i]
+        logits, input_size, size = load_logits(cache_path(cache_dir, image_id))
+        gt = dataset.load_label(i, size)
+        pred = full_resolution_logits(logits, input_size, size, interp).argmax(0)
+        pred = pred.to(torch.uint8).numpy()
+        confusion.update(pred, gt)
+        if trimap is not None:
+            trimap.update(pred, gt)
+        if s.save_predictions:
+            save_label_png(out_dir / "pred" / f"{image_id}.png", pred)
+    return confusion, trimap
+
+
+def crf_pass(dataset, indices, cache_dir, out_dir, predictor, s: EvalSettings, progress):
+    """(confusion matrix, trimap evaluator or None) after the dense CRF, in worker processes."""
+    jobs = [CRFJob(dataset.ids[i], str(dataset.image_path(i)),
+                   str(cache_path(cache_dir, dataset.ids[i])),
+                   str(out_dir / "pred_crf" / f"{dataset.ids[i]}.png") if s.save_predictions
+                   else None, str(dataset.label_path(i)))
+            for i in indices]
+    crf_device = str(predictor.device) if s.crf_backend == "torch" else "cpu"
+    results, failures = run_crf(jobs, s.crf_params, workers=s.crf_workers or None,
+                                backend=s.crf_backend, device=crf_device, interp=predictor.interp,
+                                trimap_widths=s.trimap_widths, progress=progress,
+                                desc=f"CRF ({s.split})")
+    if failures:
+        lines = "\n".join(f"  {f.image_id}: {f.error}" for f in failures)
+        raise EvaluationError(f"the CRF failed on {len(failures)} of {len(jobs)} images, so "
+                              f"no CRF scores were written:\n{lines}")
+    confusion = ConfusionMatrix(s.num_classes)
+    trimap = TrimapEvaluator(s.trimap_widths, s.num_classes) if s.trimap_widths else None
+    for r in results:
+        confusion.merge(r.confusion)
+        if trimap is not None:
+            trimap.merge(r.trimap)
+    return confusion, trimap
+
+
+def scores_of(confusion, trimap, facts: dict) -> dict:
+    scores = dict(confusion.scores(), **facts)
+    if trimap is not None:
+        scores["trimap"] = trimap.scores()
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------
+
+def evaluate(checkpoint_or_model, settings: EvalSettings | None = None, out_dir=None,
+             show_progress: bool = True) -> dict:
+    """Score a model on `settings.split` of its data set.
+
+    checkpoint_or_model: a checkpoint path, a checkpoint dict, a model, or a Predictor.
+    Returns the scores of metrics.ConfusionMatrix.scores() plus run facts (split, num_images,
+    protocol, ...), "trimap" when trimap widths are given, and "crf" (the CRF's scores) with
+    `settings.crf`. Writes the files listed in the module docstring into `out_dir`.
+    """
+    s = settings or EvalSettings()
+    if out_dir is None:
+        if not isinstance(checkpoint_or_model, (str, Path)):
+            raise ValueError("out_dir is required when evaluating an in-memory model")
+        out_dir = default_out_dir(checkpoint_or_model, s.split)
+    out_dir, cache_dir = Path(out_dir), Path(out_dir) / "logits"
+    predictor = (checkpoint_or_model if isinstance(checkpoint_or_model, Predictor) else
+                 Predictor(checkpoint_or_model, device=s.device, precision=s.precision,
+                           norm=s.norm))
+    if predictor.num_classes != s.num_classes:
+        raise EvaluationError(f"the model predicts {predictor.num_classes} classes but the data "
+                              f"set has {s.num_classes}: score it with "
+                              f"data.num_classes={predictor.num_classes}")
+    if predictor.checkpoint:
+        warn_if_trained_on(predictor.checkpoint, s.split)
+    transform = EvalTransform(mode=s.mode, pad_to=s.pad_to, norm=predictor.norm,
+                              stride=predictor.output_stride)
+    dataset = eval_dataset(s, transform)
+    indices = list(range(len(dataset)))[:s.limit] if s.limit else list(range(len(dataset)))
+    if not indices:
+        raise EvaluationError(f"the {s.split!r} split of {s.data_root} is empty: nothing to "
+                              "score. Check the split list.")
+    source = (str(checkpoint_or_model) if isinstance(checkpoint_or_model, (str, Path))
+              else "in-memory model")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = {k: v for k, v in dict(predictor.settings(), mode=s.mode, pad_to=s.pad_to,
+                                 num_classes=s.num_classes).items() if k in CACHE_KEYS}
+    prepare_cache(cache_dir, key, s.recompute)
+    write_json(out_dir / "config.json", dict(s.to_dict(), checkpoint=source, out_dir=str(out_dir),
+                                             precision=predictor.precision,
+                                             device=str(predictor.device),
+                                             norm=predictor.norm, predictor=predictor.settings()))
+
+    missing = [i for i in indices if i not in cached_indices(dataset, indices, cache_dir)]
+    seconds = network_pass(predictor, dataset, missing, cache_dir, s, show_progress)
+    names = dataset.class_names if hasattr(dataset, "class_names") else class_names(s.num_classes)
+    facts = dict(split=s.split, num_images=len(indices), checkpoint=source,
+                 identity=predictor.identity, mode=s.mode, pad_to=s.pad_to,
+                 msc_scales=list(predictor.msc_scales), interp=predictor.interp,
+                 norm=predictor.norm, precision=predictor.precision,
+                 network_images=len(missing), network_seconds=round(seconds, 3),
+                 class_names=names)
+    scores = scores_of(*score_pass(dataset, indices, cache_dir, out_dir, predictor.interp, s,
+                                   show_progress), facts)
+    write_json(out_dir / "scores.json", scores)
+    report = [f"{s.split} ({len(indices)} images, {s.mode} protocol, {predictor.precision})",
+              format_table(scores, names), f"mIoU (no CRF): {100 * scores['miou']:.2f}%"]
+    if s.crf:
+        crf_scores = scores_of(*crf_pass(dataset, indices, cache_dir, out_dir, predictor, s,
+                                         show_progress),
+                               dict(facts, crf_params=s.crf_params.to_dict(),
+                                    crf_backend=s.crf_backend))
+        write_json(out_dir / "scores_crf.json", crf_scores)
+        scores["crf"] = crf_scores
+        report += ["", f"{s.split} with the dense CRF ({s.crf_backend}, "
+                       f"{s.crf_params.iterations} mean-field iterations)",
+                   format_table(crf_scores, names), f"mIoU (CRF): {100 * crf_scores['miou']:.2f}%"]
+    text = "\n".join(report)
+    (out_dir / "per_class.txt").write_text(text + "\n")
+    print(text)
+    return scores

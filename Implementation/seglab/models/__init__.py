@@ -1,0 +1,73 @@
+"""Every architecture the pipeline knows, by name: the one list a new architecture joins.
+
+    net = build_model({"name": "deeplabv2", "num_classes": 21})
+    spec = architecture(net.arch)          # its Architecture (seglab/models/spec.py)
+
+`build_model(arch)` dispatches on `arch["name"]` (default "deeplabv2", so checkpoints written
+before architectures had names still load) through the plain dict `ARCHITECTURES` below.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from seglab.models import deeplabv2
+from seglab.models.msc import MSC
+from seglab.models.spec import Architecture
+
+DEFAULT = "deeplabv2"
+
+ARCHITECTURES: dict[str, Architecture] = {
+    spec.name: spec for spec in (
+        deeplabv2.ARCHITECTURE,
+    )
+}
+
+
+class UnknownArchitecture(ValueError):
+    """An arch name that is not in ARCHITECTURES."""
+
+
+def architecture(arch: dict | str | None) -> Architecture:
+    """The Architecture of an arch dict (or a name); a missing name means DeepLab v2."""
+    name = arch if isinstance(arch, str) else (arch or {}).get("name") or DEFAULT
+    if name not in ARCHITECTURES:
+        raise UnknownArchitecture(f"unknown architecture {name!r}; known: "
+                                  f"{', '.join(sorted(ARCHITECTURES))} "
+                                  "(`python Implementation/model.py` lists them)")
+    return ARCHITECTURES[name]
+
+
+def normalize_arch(arch: dict | None) -> dict:
+    """name + every option with its default filled in, so two descriptions of one network
+    compare equal (a checkpoint's, a config's)."""
+    arch = dict(arch or {})
+    spec = architecture(arch)
+    arch.pop("name", None)
+    return spec.arch(**arch)
+
+
+def build_model(arch: dict | None = None) -> nn.Module:
+    """The bare network of an arch dict (the one stored in every checkpoint); `net.arch` holds
+    the normalised dict. Wrap it in `MSC` for multi-scale inputs."""
+    arch = normalize_arch(arch)
+    spec = architecture(arch)
+    net = spec.build(**{k: v for k, v in arch.items() if k != "name"})
+    net.arch = arch
+    return net
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network inside MSC and/or (Distributed)DataParallel."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, MSC):
+            model = model.net
+        else:
+            return model
+
+
+def param_groups(model: nn.Module, base_lr: float, weight_decay: float) -> list[dict]:
+    """SGD groups of the network inside `model`, as its architecture declares them."""
+    net = unwrap(model)
+    return architecture(net.arch).param_groups(net, base_lr, weight_decay)

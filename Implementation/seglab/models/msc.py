@@ -1,0 +1,46 @@
+"""Multi-scale inputs fused by max (DeepLab v2, Sec. 3.3): an architecture-neutral wrapper."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from seglab.models.resize import resize, scaled_size
+
+
+class MSC(nn.Module):
+    """Multi-scale inputs: the image at 1x and each of `scales` goes through the same network;
+    the smaller logits are upsampled to the 1x logit size and fused by element-wise max.
+
+    train(): returns [logits_1x, logits_s1, logits_s2, ..., fused_max], each branch at its native
+    size (41, 31, 21 for a 321 input), so the loss can choose its targets. eval(): the fused max.
+    interp="caffe" reproduces Caffe's Interp layer; "pytorch" is the published port's
+    F.interpolate(align_corners=False)."""
+
+    def __init__(self, net: nn.Module, scales: Sequence[float] = (0.75, 0.5), interp: str = "caffe"):
+        super().__init__()
+        if interp not in ("caffe", "pytorch"):
+            raise ValueError(f"interp must be 'caffe' or 'pytorch', got {interp!r}")
+        self.net, self.scales, self.interp = net, tuple(scales), interp
+
+    def branch_logits(self, x) -> list:
+        """Logits of each branch at its native size: 1x first, then each of `scales`."""
+        logits = [self.net(x)]
+        for s in self.scales:
+            logits.append(self.net(resize(x, scaled_size(x.shape[-2:], s, self.interp),
+                                          self.interp)))
+        return logits
+
+    def upsampled(self, logits: list) -> list:
+        """Every branch's logits at the 1x branch's size (the smaller ones upsampled)."""
+        size = logits[0].shape[-2:]
+        return [logits[0]] + [resize(branch, size, self.interp) for branch in logits[1:]]
+
+    def forward(self, x):
+        logits = self.branch_logits(x)
+        upsampled = self.upsampled(logits)
+        fused = upsampled[0]
+        for branch in upsampled[1:]:
+            fused = torch.max(fused, branch)
+        return logits + [fused] if self.training else fused

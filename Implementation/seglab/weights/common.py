@@ -1,0 +1,75 @@
+"""What every converter shares: its error, reading a torch file safely, and putting mapped
+tensors into a model's state_dict with every key and shape checked."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from seglab.checkpoint import FORMATS_READ
+from seglab.models import unwrap
+
+
+class ConversionError(ValueError):
+    """Weights that do not map onto our model (unknown/missing layer, wrong shape, ...)."""
+
+
+def blocks_per_stage(keys, pattern: str) -> dict[int, list[str]]:
+    """Stage -> distinct block labels in order of first appearance, from keys matching
+    `pattern` (groups: stage, block)."""
+    found = {}
+    for k in keys:
+        m = re.match(pattern, k)
+        if m:
+            blocks = found.setdefault(int(m.group(1)), [])
+            if m.group(2) not in blocks:
+                blocks.append(m.group(2))
+    return found
+
+
+def add_num_batches_tracked(sd: dict):
+    """Older PyTorch files lack BatchNorm's counter; add it (0) wherever running_mean exists."""
+    for key in [k for k in sd if k.endswith(".running_mean")]:
+        sd.setdefault(key[:-len("running_mean")] + "num_batches_tracked",
+                      torch.tensor(0, dtype=torch.long))
+
+
+def merge_into(net, mapped: dict, required_prefix: str = "") -> tuple[dict, list]:
+    """net's state_dict with `mapped` copied in. Every mapped key must exist with the same shape;
+    every key starting with `required_prefix` must be mapped. Returns (state_dict, left at init)."""
+    target = {k: v.detach().clone() for k, v in unwrap(net).state_dict().items()}
+    unknown = [k for k in mapped if k not in target]
+    if unknown:
+        raise ConversionError(f"{len(unknown)} tensors have no home in the model: {unknown[:5]}")
+    for k, v in mapped.items():
+        if tuple(v.shape) != tuple(target[k].shape):
+            raise ConversionError(f"{k}: shape {tuple(v.shape)} in the file, "
+                                  f"{tuple(target[k].shape)} in the model")
+        target[k] = v.detach().clone().to(target[k].dtype)
+    unfilled = [k for k in target if k not in mapped]
+    required = [k for k in unfilled if k.startswith(required_prefix)]
+    if required:
+        raise ConversionError(f"{len(required)} tensors of the model are missing from the file: "
+                              f"{required[:5]}")
+    return target, unfilled
+
+
+def load_torch_state(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file (`convert.py --help` lists download URLs)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickled code, not a torch file
+        raise ConversionError(f"cannot read {path} as a PyTorch weights file "
+                              f"(torch.load(weights_only=True)): {e}") from e
+    if isinstance(obj, dict) and obj.get("format") in FORMATS_READ:
+        raise ConversionError(f"{path} is already one of our checkpoints (use `--to-published` "
+                              "to export it)")
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionError(f"{path} does not hold a state_dict (a dict of tensors)")
+    return obj
