@@ -46,6 +46,7 @@ from pathlib import Path
 
 from seglab.checkpoint import CheckpointError, atomic_save, make_checkpoint, sha256
 from seglab.weights import caffe, published, torchvision_imagenet
+from seglab.weights import tflite
 from seglab.weights.caffe_proto import CaffeModelError
 from seglab.weights.common import ConversionError
 from seglab.weights.provenance import SPLIT_CONTENTS, guess_trained_on
@@ -62,6 +63,7 @@ CONVERTERS = {
     "torchvision": (torchvision_imagenet, "torchvision ResNet-50/101 ImageNet weights (a local "
                                           "file, or `download`)",
                     "https://download.pytorch.org/models/resnet101-63fe2227.pth", "imagenet"),
+    "tflite": (tflite, "a TF Lite DeepLab v3 MobileNetV2 (.tflite, float or uint8)", " or ".join(tflite.URLS), "tf"),
 }
 
 def parse_args(argv=None):

@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     except EXPECTED as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an --out that is a file, a folder that is not writable, a full disk
+        print(f"error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -94,6 +94,9 @@ def prepare_data(cfg: dict, rank: int):
         make_demo_dataset(d["root"], **d["demo_args"])
     barrier()
     dataset = training_dataset(cfg)
+    if len(dataset) == 0:
+        raise DataError(f"the training split {d['train_split']!r} under {d['root']} is empty "
+                        f"({dataset.list_path}): nothing to train on. Check the split list.")
     if rank == 0:
         check_split(dataset, d["check"], d["workers"])
     return dataset
@@ -122,6 +125,9 @@ def main(argv=None) -> int:
         return 130 if e.signal_name == "SIGINT" else 143
     except EXPECTED as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a run folder that is not writable, a full disk
+        print(f"error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

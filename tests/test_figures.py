@@ -1,6 +1,7 @@
-"""figures.py on a tiny generated run: every figure is written as a real PNG, the sizes in the
-network diagram and the taps in the atrous figure are the model's own, the trimap it computes
-agrees with evaluate.py's, and every image the README shows exists."""
+"""figures.py and seglab/figures/ on a tiny generated run: every figure is written as a real PNG,
+the sizes in the network diagram and the taps in the atrous figure are the model's own, the
+trimap it computes agrees with evaluate.py's, the MSC and CRF figures draw an image without a
+label from the same logits the Predictor gives, and every image the README shows exists."""
 import os
 import re
 from pathlib import Path
@@ -11,7 +12,16 @@ import torch
 import yaml
 from PIL import Image
 
+from seglab.data.transforms import EvalTransform
+from seglab.densecrf.dense_crf import DenseCRF
+from seglab.densecrf.params import CRFParams
 from seglab.evaluation.evaluate import EvalSettings, evaluate
+from seglab.figures import atrous, network
+from seglab.figures import crf as crf_fig
+from seglab.figures import msc as msc_fig
+from seglab.figures import run as figrun
+from seglab.figures import scores as scores_fig
+from seglab.inference.predictor import Predictor
 import figures
 import train
 from seglab.models.msc import MSC
@@ -49,7 +59,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_every_figure_is_written_as_a_png(tiny_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(figures, "NETWORK_ARCH", TINY_ARCH)  # the CLI default is ResNet-101
+    monkeypatch.setattr(network, "NETWORK_ARCH", TINY_ARCH)  # the CLI default is ResNet-101
     out = tmp_path / "fig"
     assert figures.main(["--run", str(tiny_run), "--out", str(out), "--workers", "1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(EXPECTED)
@@ -67,7 +77,7 @@ def test_every_figure_is_written_as_a_png(tiny_run, tmp_path, monkeypatch, capsy
 
 
 def test_only_selects_figures_by_letter_or_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(figures, "NETWORK_ARCH", TINY_ARCH)
+    monkeypatch.setattr(network, "NETWORK_ARCH", TINY_ARCH)
     assert figures.selected(["network", "a"]) == ["a", "b"]
     assert figures.main(["--only", "b", "--out", str(tmp_path)]) == 0   # needs no run
     assert [p.name for p in tmp_path.iterdir()] == ["network.png"]
@@ -76,7 +86,7 @@ def test_only_selects_figures_by_letter_or_name(tmp_path, monkeypatch):
 
 
 def test_network_sizes_are_those_of_a_forward_pass():
-    net, rows, fused = figures.measure_network(TINY_ARCH, 321)
+    net, rows, fused = network.measure_network(TINY_ARCH, 321)
     assert [r["input"] for r in rows] == [(3, 321, 321), (3, 241, 241), (3, 161, 161)]
     assert [r["aspp"] for r in rows] == [(21, 41, 41), (21, 31, 31), (21, 21, 21)]
     assert fused == (21, 41, 41)
@@ -96,20 +106,20 @@ def test_network_sizes_are_those_of_a_forward_pass():
 
 def test_atrous_taps_are_rate_apart_and_output_stride_is_8():
     for rate in (1, 6, 12):
-        taps = figures.atrous_taps(rate, 31)
+        taps = atrous.atrous_taps(rate, 31)
         expected = np.zeros((31, 31), bool)
         for dy in (-rate, 0, rate):
             for dx in (-rate, 0, rate):
                 expected[15 + dy, 15 + dx] = True
         assert np.array_equal(taps, expected), rate
-    assert figures.output_stride(321) == 8
+    assert atrous.output_stride(321) == 8
 
 
 def test_msc_branches_fuse_to_the_msc_output():
     torch.manual_seed(0)
     net = DeepLabV2(num_classes=5, depth=14, width=8).eval()
     x = torch.randn(1, 3, 49, 57)
-    logits, upsampled, fused = figures.msc_branches(net, x, (0.75, 0.5), "caffe")
+    logits, upsampled, fused = msc_fig.msc_branches(net, x, (0.75, 0.5), "caffe")
     with torch.no_grad():
         reference = MSC(net, (0.75, 0.5), "caffe").eval()(x)
     assert [tuple(l.shape[-2:]) for l in logits] == [(7, 8), (5, 6), (4, 4)]
@@ -119,8 +129,8 @@ def test_msc_branches_fuse_to_the_msc_output():
 
 def test_computed_trimap_matches_evaluate(tiny_run, tmp_path):
     widths = (1, 3, 10)
-    run = figures.load_run(tiny_run)
-    plain, crf = figures.compute_trimap(run, widths, workers=1)
+    run = figrun.load_run(tiny_run)
+    plain, crf = scores_fig.compute_trimap(run, widths, workers=1)
     scores = evaluate(tiny_run / "checkpoints" / "final.pth",
                       EvalSettings(data_root=str(run.data_root()), pad_to=PAD_TO, crf=True,
                                    crf_workers=1, device="cpu", trimap_widths=widths,
@@ -131,41 +141,79 @@ def test_computed_trimap_matches_evaluate(tiny_run, tmp_path):
         for w in widths:
             assert ours[w]["pixels"] == theirs[w]["pixels"] > 0
             assert ours[w]["pixel_acc"] == pytest.approx(theirs[w]["pixel_acc"], abs=1e-12)
-    assert figures.trimap_from_scores({"trimap": {"1": {"miou": 0.5}}}, (1,)) == {1: {"miou": 0.5}}
-    assert figures.trimap_from_scores({"trimap": {"1": {}}}, (1, 2)) is None
-    assert figures.trimap_from_scores({}, (1,)) is None
+    assert scores_fig.trimap_from_scores({"trimap": {"1": {"miou": 0.5}}}, (1,)) == \
+        {1: {"miou": 0.5}}
+    assert scores_fig.trimap_from_scores({"trimap": {"1": {}}}, (1, 2)) is None
+    assert scores_fig.trimap_from_scores({}, (1,)) is None
 
 
 def test_default_run_is_the_documented_demo_run_never_the_newest(tmp_path, monkeypatch, capsys):
     """A newer smoke run under runs/ must not become the figures' source (it once overwrote
     Figures/msc.png): the default is runs/demo, and without it figures.py stops and says so."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(figures, "ROOT", tmp_path)
-    with pytest.raises(figures.FigureError, match="train.py --config demo"):
-        figures.default_run()
+    monkeypatch.setattr(figrun, "ROOT", tmp_path)
+    with pytest.raises(figrun.FigureError, match="train.py --config demo"):
+        figrun.default_run()
     for name, mtime in (("demo-old", 1000), ("demo-new", 2000), ("voc12-x", 3000)):
         final = tmp_path / "runs" / name / "checkpoints" / "final.pth"
         final.parent.mkdir(parents=True)
         final.write_bytes(b"x")
         os.utime(final, (mtime, mtime))
-    with pytest.raises(figures.FigureError, match="runs/demo"):
-        figures.default_run()
+    with pytest.raises(figrun.FigureError, match="runs/demo"):
+        figrun.default_run()
     assert figures.main(["--only", "msc", "--out", str(tmp_path / "fig")]) == 2
     assert not (tmp_path / "fig").exists()
     final = tmp_path / "runs" / "demo" / "checkpoints" / "final.pth"
     final.parent.mkdir(parents=True)
     final.write_bytes(b"x")
-    assert figures.default_run() == Path("runs") / "demo" or \
-        figures.default_run().resolve() == (tmp_path / "runs" / "demo").resolve()
+    assert figrun.default_run() == Path("runs") / "demo" or \
+        figrun.default_run().resolve() == (tmp_path / "runs" / "demo").resolve()
 
 
 def test_missing_run_or_scores_are_explained(tmp_path, capsys, tiny_run):
     assert figures.main(["--run", str(tmp_path / "nope"), "--only", "c"]) == 2
     assert "train.py --config demo" in capsys.readouterr().err
-    run = figures.load_run(tiny_run)
+    run = figrun.load_run(tiny_run)
     run.config = dict(run.config, data=dict(run.config["data"], val_split="test"))
-    with pytest.raises(figures.FigureError, match="evaluate.py .*--split test"):
+    with pytest.raises(figrun.FigureError, match="evaluate.py .*--split test"):
         run.scores()
+
+
+def test_msc_and_crf_figures_draw_an_image_without_a_label(tmp_path):
+    """The photograph path: msc_figure / crf_figure take (image, label or None, network or
+    logits). The fused logits msc_predict hands the CRF are the Predictor's (the inference
+    path, rewrites off), and a figure without a label has one panel fewer (a taller row)."""
+    torch.manual_seed(0)
+    net = DeepLabV2(**TINY_ARCH).eval()
+    rng = np.random.default_rng(0)
+    image = (rng.random((37, 45, 3)) * 255).astype(np.uint8)
+    label = rng.integers(0, 3, (37, 45)).astype(np.uint8)
+    scales = (0.75, 0.5)
+    pred = msc_fig.msc_predict(net, image, EvalTransform("voc", PAD_TO, norm="caffe"), scales,
+                               "caffe")
+    predictor = Predictor(net, device="cpu", fold_bn=False, channels_last=False,
+                          shifted_aspp=False, msc_scales=scales, interp="caffe", norm="caffe")
+    labels, logits = predictor.predict(image, "voc", PAD_TO)
+    assert torch.allclose(pred.fused, logits, atol=1e-5)
+    assert np.array_equal(pred.labels[-1], labels)
+    assert len(pred.labels) == len(scales) + 2 and pred.labels[0].shape == image.shape[:2]
+
+    sizes = {}
+    for name, gt in (("with.png", label), ("without.png", None)):
+        path = msc_fig.msc_figure(image, gt, net, EvalTransform("voc", PAD_TO, norm="caffe"),
+                                  scales, "caffe", tmp_path, title="photo", name=name)
+        with Image.open(path) as png:
+            sizes[name] = png.size
+    assert sizes["without.png"][1] > sizes["with.png"][1]   # 5 panels, not 6: taller
+
+    params = CRFParams(iterations=10)
+    path = crf_fig.crf_figure(image, None, pred.fused, params, "torch", tmp_path,
+                              iterations=(1, 10), name="crf.png")
+    assert path.is_file() and path.stat().st_size > 5000
+    direct = DenseCRF(params, backend="torch")(image, pred.fused).argmax(0).astype(np.uint8)
+    assert np.array_equal(crf_fig.crf_labels(image, pred.fused, params, 10, "torch"), direct)
+    with pytest.raises(figrun.FigureError, match="do not fit the image"):
+        crf_fig.crf_figure(image, None, pred.fused[:, :-1], params, "torch", tmp_path)
 
 
 def readme_figures():

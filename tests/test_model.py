@@ -227,3 +227,41 @@ def test_param_groups_multipliers_and_membership():
     assert ids(groups["backbone"]["params"]) == ids(convs)
     free = {g["name"]: g for g in param_groups(tiny(frozen_bn=False), 1e-3, 5e-4)}
     assert free["bn"]["weight_decay"] == 0 and free["bn"]["lr_mult"] == 1
+
+
+# --- the published port's MSC inputs ------------------------------------------------------------
+
+def bilinear_step(image: np.ndarray, scale: float) -> np.ndarray:
+    """Bilinear sampling of an (H, W) array at a step of exactly 1/scale, half-pixel centres
+    (output j reads input (j + 0.5) / scale - 0.5, clamped at the edges), floor(scale * size)
+    outputs per axis: written out loop by loop, independently of torch."""
+    def taps(n_in):
+        n_out = int(np.floor(n_in * scale))
+        rows = []
+        for j in range(n_out):
+            src = max((j + 0.5) / scale - 0.5, 0.0)
+            i0 = min(int(np.floor(src)), n_in - 1)
+            i1 = min(i0 + 1, n_in - 1)
+            rows.append((i0, i1, src - i0))
+        return rows
+    out = np.zeros((int(np.floor(image.shape[0] * scale)), int(np.floor(image.shape[1] * scale))))
+    for y, (y0, y1, wy) in enumerate(taps(image.shape[0])):
+        for x, (x0, x1, wx) in enumerate(taps(image.shape[1])):
+            top = (1 - wx) * image[y0, x0] + wx * image[y0, x1]
+            bottom = (1 - wx) * image[y1, x0] + wx * image[y1, x1]
+            out[y, x] = (1 - wy) * top + wy * bottom
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.75])
+def test_port_option_samples_at_a_step_of_one_over_s(scale):
+    from seglab.models.msc import scale_input
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 41, 37, dtype=torch.float64)
+    ours = scale_input(x, scale, "pytorch")[0, 0].numpy()
+    expect = bilinear_step(x[0, 0].numpy(), scale)
+    assert ours.shape == expect.shape == (int(41 * scale), int(37 * scale))
+    np.testing.assert_allclose(ours, expect, rtol=0, atol=1e-12)
+    # what the option did before: a size= call samples at a step of in/out, not 1/s
+    by_size = F.interpolate(x, size=ours.shape, mode="bilinear", align_corners=False)[0, 0]
+    assert np.abs(by_size.numpy() - expect).max() > 1e-3

@@ -17,6 +17,8 @@ have no arch name: they load as DeepLab v2.
 from __future__ import annotations
 
 import hashlib
+import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,10 +43,50 @@ def sha256(path) -> str:
 
 
 def atomic_save(obj, path) -> Path:
-    """torch.save to a temp file in the same folder, then rename over `path` (atomic.py)."""
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
+    """torch.save to a temp file in the same folder, then rename over `path` (atomic.py). A
+    failed write (a full disk, a folder that is not writable) leaves `path` as it was and
+    raises a CheckpointError saying where and why."""
+    path = Path(path)
+    try:
+        with atomic_output(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        free = ""
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free there"
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write {path} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}"
+                              f"{free}). The previous file, if any, is intact; free disk space "
+                              "or choose another folder.") from None
+    return path
+
+
+def safe_load(path, what: str = "checkpoint", map_location="cpu"):
+    """torch.load(weights_only=True), with errors that say what is wrong in our words: an empty
+    file, a file that is not a torch file, or one that holds pickled objects other than plain
+    tensors and data (refused: unpickling them could run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read {what} {path}: the file is empty (0 bytes); it was "
+                              "cut short while being written or copied. Copy or download it "
+                              "again.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = ("it holds pickled objects other than tensors and plain data, which this "
+                  "project refuses to load because unpickling them can run arbitrary code"
+                  if "weights_only" in str(e) or "Unsupported global" in str(e) else
+                  "it is not a PyTorch file")
+        raise CheckpointError(f"cannot read {what} {path}: {reason}. Use the original file "
+                              "from its source.") from None
+    except Exception as e:  # a truncated zip, another format altogether
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot read {what} {path}: not a readable PyTorch file "
+                              f"({first[:200]}). Copy or download it again.") from None
 
 
 def make_checkpoint(arch: dict, state_dict: dict, trained_on=None, provenance=None, **extra) -> dict:
@@ -56,14 +98,7 @@ def make_checkpoint(arch: dict, state_dict: dict, trained_on=None, provenance=No
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load and validate one of our checkpoints (weights_only=True: no pickled code runs)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}. Is it a checkpoint of this project? "
-                              "Published/Caffe/torchvision weights must first go through "
-                              "`python Implementation/convert.py`.") from e
+    ckpt = safe_load(path, "checkpoint", map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS_READ:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no format={FORMAT!r} "
                               "field). "

@@ -62,7 +62,7 @@ DEFAULTS = {
         "weight_decay": 5.0e-4,
         "poly_power": 0.9,            # lr = base_lr * (1 - it / iterations) ** 0.9, every iteration
         "loss_targets": "caffe",      # caffe: label[::8, ::8] (and [::16, ::16]); nearest: the port's
-        "aux_weight": 0.4,            # loss weight of an auxiliary head (architectures with one)
+        "aux_weight": None,           # loss weight of an auxiliary head; null = the architecture's
         "seed": 0,
         "checkpoint_every": 1000,
         "precision": "fp32",          # fp32 | bf16 (autocast on CUDA / CPUs with bf16)
@@ -119,7 +119,7 @@ BOUNDS = {
     "train.iterations": (1, None), "train.effective_batch": (1, None),
     "train.batch_per_step": (1, None), "train.base_lr": (0, None, "exclusive"),
     "train.momentum": (0, 1), "train.weight_decay": (0, None), "train.poly_power": (0, None),
-    "train.aux_weight": (0, None), "train.seed": (0, None), "train.checkpoint_every": (1, None),
+    "train.seed": (0, None), "train.checkpoint_every": (1, None),
     "eval.pad_to": (1, None), "eval.limit": (0, None), "eval.loader_workers": (0, None),
     "crf.iterations": (0, None), "crf.bi_w": (0, None), "crf.pos_w": (0, None),
     "crf.bi_xy_std": (0, None, "exclusive"), "crf.bi_rgb_std": (0, None, "exclusive"),
@@ -209,6 +209,11 @@ def validate(cfg: dict) -> dict:
                    for v in values):
             raise ConfigError(f"config key '{key}' must be a list of positive numbers; got "
                               f"{values!r}")
+    aux = cfg["train"]["aux_weight"]
+    if aux is not None and (isinstance(aux, bool) or not isinstance(aux, (int, float))
+                            or not 0 <= aux < float("inf")):
+        raise ConfigError(f"config key 'train.aux_weight' must be null (the architecture's) or "
+                          f"a number >= 0; got {aux!r}")
     if not all(isinstance(w, int) and w > 0 for w in cfg["eval"]["trimap"]):
         raise ConfigError(f"config key 'eval.trimap' must be a list of positive whole numbers "
                           f"(pixels); got {cfg['eval']['trimap']!r}")

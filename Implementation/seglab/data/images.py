@@ -21,6 +21,9 @@ def open_image(path, what: str) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()  # decode now: truncated or corrupt files fail here, not later
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{what} {path} is too large to open safely ({e}). Downscale it (e.g. to "
+                        "a few thousand pixels on the longer side) and try again.") from None
     except _READ_ERRORS as e:
         raise DataError(f"cannot read {what} {path}: {e}. The file is corrupt, truncated or not "
                         "an image; re-extract or re-create it.") from e

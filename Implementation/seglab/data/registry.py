@@ -7,10 +7,19 @@ A dataset class takes (root, split, transform, num_classes) and gives, per index
 from __future__ import annotations
 
 from seglab.data.transforms import TrainTransform
+from seglab.data.ade20k import ADE20KSegmentation
+from seglab.data.cityscapes import CityscapesSegmentation
+from seglab.data.cocostuff import CocoStuff10k, CocoStuff164k
+from seglab.data.folder import FolderSegmentation
 from seglab.data.voc import VOCSegmentation
 
 DATASETS = {
     "voc": VOCSegmentation,
+    "cityscapes": CityscapesSegmentation,     # 19 train ids of the 34 label ids
+    "cocostuff10k": CocoStuff10k,             # 171 classes (or 182: the port's layout)
+    "cocostuff164k": CocoStuff164k,
+    "ade20k": ADE20KSegmentation,             # SceneParsing, 150 classes
+    "folder": FolderSegmentation,             # your own: images/ + masks/ + classes.txt
 }
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from seglab.data.images import DataError, load_image
-from seglab.data.labels import load_label
-from seglab.data.transforms import EvalTransform, TrainTransform, normalize
+from seglab.data.base import SegmentationDataset
+from seglab.data.images import DataError
+from seglab.data.labels import VOC_CLASSES, load_label
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 SBD_URL = ("https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/"
@@ -38,18 +37,21 @@ def read_ids(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-class VOCSegmentation(torch.utils.data.Dataset):
+class VOCSegmentation(SegmentationDataset):
     """VOC-layout segmentation set. `root` contains VOCdevkit/ (as in torchvision).
 
     `ds[i]` or `ds[(i, sample_seed)]` -> {"image", "label", "id", "size"}: with a TrainTransform
     the augmentation draws from np.random.default_rng(sample_seed) (seed = i when not given);
     with an EvalTransform the label is the original-size label; with no transform the image is
-    the normalised (Caffe) full image."""
+    the normalised (Caffe) full image (seglab/data/base.py). The masks hold class indices
+    already: no mapping, and labels.load_label's VOC-specific checks and messages."""
+
+    name, classes, how_to_get = "voc", VOC_CLASSES, HOW_TO_GET
 
     def __init__(self, root, split: str = "train_aug", transform=None, num_classes: int = 21,
                  check_labels: bool = True, label_dir: str | None = None):
-        self.root, self.split, self.transform = Path(root), split, transform
-        self.num_classes, self.check_labels = num_classes, check_labels
+        super().__init__(root, split, transform, num_classes)
+        self.check_labels = check_labels
         base = voc_dir(root)
         if not base.is_dir():
             raise DataError(f"VOC 2012 not found: expected {base} (with JPEGImages/, "
@@ -62,9 +64,6 @@ class VOCSegmentation(torch.utils.data.Dataset):
         label_dir = label_dir or ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
         self.image_dir, self.label_dir = base / "JPEGImages", base / label_dir
 
-    def __len__(self):
-        return len(self.ids)
-
     @staticmethod
     def image_folder(root) -> Path:
         """Where the images of every split live."""
@@ -75,6 +74,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
     def label_path(self, i: int) -> Path:
         return self.label_dir / f"{self.ids[i]}.png"
+
+    raw_label_path = label_path
 
     def load_label(self, i: int, image_size=None) -> np.ndarray:
         """The checked (H, W) uint8 label of image i (of `image_size` when given)."""
@@ -95,19 +96,3 @@ class VOCSegmentation(torch.utils.data.Dataset):
             raise DataError(f"{what} not found: {path} (id {path.stem!r} of "
                             f"{self.split}.txt). {how}")
         return path
-
-    def __getitem__(self, item):
-        i, seed = item if isinstance(item, tuple) else (item, item)
-        image = load_image(self._require(self.image_path(i), "image"))
-        label = self.load_label(i, image.shape[:2])
-        size = tuple(image.shape[:2])
-        if isinstance(self.transform, TrainTransform):
-            x, y = self.transform(image, label, np.random.default_rng(seed))
-        elif isinstance(self.transform, EvalTransform):
-            x, _ = self.transform(image)
-            y = torch.from_numpy(label.astype(np.int64))
-        elif self.transform is None:
-            x, y = normalize(image), torch.from_numpy(label.astype(np.int64))
-        else:
-            x, y = self.transform(image, label)
-        return {"image": x, "label": y, "id": self.ids[i], "size": size}

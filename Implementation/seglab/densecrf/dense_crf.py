@@ -56,6 +56,9 @@ def unary_from_logits(logits) -> np.ndarray:
     logits = torch.as_tensor(logits).detach().cpu().float()
     if logits.dim() != 3:
         raise ValueError(f"logits must be (C, H, W), got shape {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"the logits hold {int((~torch.isfinite(logits)).sum())} NaN/Inf values; "
+                         "the CRF refuses them rather than return a wrong result")
     prob = torch.softmax(logits, dim=0).clamp_min_(PROB_CLIP)
     return np.ascontiguousarray(-torch.log(prob).reshape(logits.shape[0], -1).numpy(),
                                 dtype=np.float32)
@@ -128,6 +131,11 @@ def load_crf_inputs(image_path, logits_path, interp: str = "caffe"):
     """(image (H, W, 3) uint8, unary (C, H*W) float32) for one image and its cached logits."""
     image = load_image(image_path)
     logits, input_size, size = load_logits(logits_path)
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ValueError(f"the cached logits {logits_path} hold {bad} NaN/Inf values: the CRF "
+                         "would turn them into a wrong result. Recompute them with evaluate.py "
+                         "(--recompute), or check the network that wrote them.")
     if tuple(image.shape[:2]) != tuple(size):
         raise ValueError(f"image {image_path} is {image.shape[0]}x{image.shape[1]} (HxW) but "
                          f"the cached logits {logits_path} are for a {size[0]}x{size[1]} image: "

@@ -51,8 +51,7 @@ class PairwiseKernel:
     """One Potts-weighted, normalised Gaussian kernel on a permutohedral lattice.
 
     The per-pixel normalisation and the Potts weight are folded once into the splat and slice
-    matrices, so `add_message(energy, Q)` is one sparse product (splat), d+1 (blur) and one
-    fused sparse multiply-add (slice) into `energy`."""
+    weights, so `message(Q)` is one splat, d+1 blurs and one slice (permutohedral.Bags)."""
 
     def __init__(self, features: Tensor, weight: float, normalization: str):
         if normalization not in NORMALIZATIONS:
@@ -68,22 +67,20 @@ class PairwiseKernel:
         elif normalization == "before":
             before = (1.0 / (norm + 1e-20)).float()
         after = ones[:, 0] * weight if after is None else after * weight
-        self.splat = lattice.splat_matrix(before)
-        self.blur = lattice.blur_matrices()
-        self.slice = lattice.slice_matrix(after)
-        self._buffers = None
+        self.splat = lattice.splat_bags(before)
+        self.blur = lattice.blur_bags()
+        self.slice = lattice.slice_bags(after)
+
+    def message(self, q: Tensor) -> Tensor:
+        """weight * normalised filter of q (N, C) -> (N, C)."""
+        lattice = self.splat.apply(q)
+        for step in self.blur:
+            lattice = step.apply(lattice)
+        return self.slice.apply(lattice)
 
     def add_message(self, energy: Tensor, q: Tensor) -> Tensor:
         """energy (N, C) += weight * normalised filter of q (N, C), in place."""
-        if self._buffers is None or self._buffers[0].shape[1] != q.shape[1]:
-            shape = (self.splat.shape[0], q.shape[1])
-            self._buffers = [torch.zeros(shape, dtype=q.dtype, device=q.device) for _ in range(2)]
-        a, b = self._buffers
-        # out= with beta=0: MKL / cuSPARSE write straight into a reused buffer, no extra copy
-        lattice = torch.addmm(a, self.splat, q, beta=0, out=a)
-        for step in self.blur:
-            lattice, b = torch.addmm(b, step, lattice, beta=0, out=b), lattice
-        return energy.addmm_(self.slice, lattice)
+        return energy.add_(self.message(q))
 
 
 def _as_tensor(x, name: str, device) -> Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from seglab.models import deeplabv2
+from seglab.models import deeplabv3_mnv2_tf
+from seglab.models import torchvision_seg as tv, vainf
 from seglab.models.msc import MSC
 from seglab.models.spec import Architecture
 
@@ -19,6 +21,19 @@ DEFAULT = "deeplabv2"
 ARCHITECTURES: dict[str, Architecture] = {
     spec.name: spec for spec in (
         deeplabv2.ARCHITECTURE,
+        deeplabv3_mnv2_tf.ARCHITECTURE,
+        tv.ARCHITECTURES["deeplabv3_resnet50_tv"],
+        tv.ARCHITECTURES["deeplabv3_resnet101_tv"],
+        tv.ARCHITECTURES["deeplabv3_mobilenet_v3_large_tv"],
+        tv.ARCHITECTURES["fcn_resnet50_tv"],
+        tv.ARCHITECTURES["fcn_resnet101_tv"],
+        tv.ARCHITECTURES["lraspp_mobilenet_v3_large_tv"],
+        vainf.ARCHITECTURES["deeplabv3_mobilenet_vainf"],
+        vainf.ARCHITECTURES["deeplabv3_resnet50_vainf"],
+        vainf.ARCHITECTURES["deeplabv3_resnet101_vainf"],
+        vainf.ARCHITECTURES["deeplabv3plus_mobilenet_vainf"],
+        vainf.ARCHITECTURES["deeplabv3plus_resnet50_vainf"],
+        vainf.ARCHITECTURES["deeplabv3plus_resnet101_vainf"],
     )
 }
 

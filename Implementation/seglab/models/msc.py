@@ -5,8 +5,20 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from seglab.models.resize import resize, scaled_size
+
+
+def scale_input(x: torch.Tensor, scale: float, interp: str = "caffe") -> torch.Tensor:
+    """The input of one MSC branch. "caffe": Caffe's Interp to the size it computes (321 -> 241,
+    161), align_corners=True. "pytorch": as the published port does under current PyTorch,
+    F.interpolate(scale_factor=s, align_corners=False): size floor(s * in) (321 -> 240, 160),
+    sampled at a step of exactly 1/s, which is not the step in/out that a `size=` call takes
+    (321/160 = 2.00625): docs/fidelity.md."""
+    if interp == "pytorch":
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    return resize(x, scaled_size(x.shape[-2:], scale, interp), interp)
 
 
 class MSC(nn.Module):
@@ -28,8 +40,7 @@ class MSC(nn.Module):
         """Logits of each branch at its native size: 1x first, then each of `scales`."""
         logits = [self.net(x)]
         for s in self.scales:
-            logits.append(self.net(resize(x, scaled_size(x.shape[-2:], s, self.interp),
-                                          self.interp)))
+            logits.append(self.net(scale_input(x, s, self.interp)))
         return logits
 
     def upsampled(self, logits: list) -> list:

@@ -30,7 +30,7 @@ from seglab.models import architecture, build_model, param_groups
 from seglab.models.msc import MSC
 from seglab.training.distributed import setup_distributed
 from seglab.training.init import TrainingError, load_init
-from seglab.training.loss import loss_names, training_loss
+from seglab.training.loss import loss_names, loss_weights, training_loss
 from seglab.training.schedule import set_poly_lr
 from seglab.training.state import FINAL, save_training_checkpoint, set_rng_state
 
@@ -221,13 +221,15 @@ class Step:
         self.channels_last = t["channels_last"] and device.type == "cuda"
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
             if t["precision"] == "bf16" else contextlib.nullcontext
+        weights = loss_weights(spec, names, t["aux_weight"])
         self.loss = lambda outputs, y: training_loss(  # noqa: E731
-            outputs, y, spec, t["loss_targets"], cfg["model"]["interp"], t["aux_weight"])
+            outputs, y, spec, t["loss_targets"], cfg["model"]["interp"], weights[-1])
         self.names = names
+        self.weights = torch.tensor(weights, dtype=torch.float64)
 
     def __call__(self, micro_batches, it: int, run_dir: Path) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        parts_sum = torch.zeros(len(self.names) + 1, dtype=torch.float64)
+        parts_sum = torch.zeros(len(self.names), dtype=torch.float64)
         for micro, batch in enumerate(micro_batches):
             x = batch["image"].to(self.device, non_blocking=True)
             y = batch["label"].to(self.device, non_blocking=True)
@@ -240,17 +242,16 @@ class Step:
                     outputs = self.model(x)
                 total, parts = self.loss(outputs, y)
                 (total / self.accum).backward()
-            parts_sum += torch.tensor([total.item()] + [p.item() for p in parts],
-                                      dtype=torch.float64) / self.accum
+            parts_sum += torch.tensor([p.item() for p in parts], dtype=torch.float64) / self.accum
         if self.world > 1:
             dist.all_reduce(parts_sum)
             parts_sum /= self.world
-        loss = float(parts_sum[0])
+        loss = float((parts_sum * self.weights).sum())
         if not math.isfinite(loss):
             raise TrainingError(
                 f"non-finite loss ({loss}) at iteration {it + 1}; training stopped. The last "
                 f"good checkpoint ({run_dir / 'checkpoints' / 'last.pth'}) is intact. Lower "
                 "train.base_lr, check the labels, or resume from that checkpoint.")
         self.optimizer.step()
-        return loss, parts_sum[1:]
+        return loss, parts_sum
 

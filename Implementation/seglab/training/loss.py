@@ -2,7 +2,7 @@
 
 "msc" architectures (DeepLab v2): softmax cross-entropy on each of the four MSC outputs, summed.
 
-Targets (DESIGN.md section 3):
+Targets (docs/fidelity.md, "Training"):
   "caffe"   the Caffe release: the label is subsampled by the branch's stride, label[::8, ::8] for
             the 1x and fused outputs (321 -> 41) and label[::16, ::16] for the 0.5x branch
             (321 -> 21); a branch whose stride is not an integer (0.75x: 8/0.75) has its logits
@@ -12,7 +12,7 @@ Targets (DESIGN.md section 3):
             neighbour (PIL's rule, `nearest-exact`).
 "aux" architectures (a main and an auxiliary head, e.g. PSPNet, torchvision's DeepLab v3): both
 outputs are upsampled bilinearly to the label size and scored with cross-entropy; the loss is
-main + train.aux_weight x aux.
+main + w x aux, w declared by the architecture (PSPNet: 0.4) or set by train.aux_weight.
 Pixels labelled 255 are ignored. Each image's loss is the mean over its valid pixels (Caffe's
 VALID normalisation with batch 1), and a batch's loss the mean over its images, so k accumulated
 steps of b images equal one step of k*b images.
@@ -32,6 +32,15 @@ def loss_names(spec: Architecture, msc_scales) -> list[str]:
     if spec.train_outputs == "aux":
         return ["out", "aux"]
     return branch_names(msc_scales) if msc_scales else ["1x"]
+
+
+def loss_weights(spec: Architecture, names, aux_weight=None) -> list[float]:
+    """The weight of each training output: MSC's are all 1; an auxiliary head gets the
+    architecture's declared weight (spec.loss_weights[1]) unless train.aux_weight says
+    otherwise."""
+    if spec.train_outputs == "aux":
+        return [spec.loss_weights[0], spec.loss_weights[1] if aux_weight is None else aux_weight]
+    return [1.0] * len(names)
 
 
 def training_loss(outputs, label: torch.Tensor, spec: Architecture, targets: str = "caffe",
@@ -70,14 +79,16 @@ def subsampling_stride(label_size, logits_size) -> int | None:
 
 def caffe_targets(label: torch.Tensor, logits: torch.Tensor, base_size, interp: str):
     """(logits, target) for one branch, as the Caffe release paired them: the label subsampled
-    by the branch's own stride (8 and 16 for DeepLab v2's 1x and 0.5x branches), or, for a
-    branch whose stride is not an integer (0.75x), the logits upsampled to the 1x size."""
+    by the branch's stride when it is the 1x stride times 1, 2 or 4 (8 and 16 for DeepLab v2's
+    1x and 0.5x branches), else (the 0.75x branch, stride 8/0.75) the logits upsampled to the
+    1x size and the label subsampled by the 1x stride."""
     h, w = label.shape[-2:]
-    stride = subsampling_stride((h, w), logits.shape[-2:])
-    if stride is not None:
-        return logits, label[:, ::stride, ::stride]
     base = subsampling_stride((h, w), base_size)
     if base is not None:
+        for stride in (base, 2 * base, 4 * base):
+            sub = label[:, ::stride, ::stride]
+            if sub.shape[-2:] == logits.shape[-2:]:
+                return logits, sub
         return resize(logits, base_size, interp), label[:, ::base, ::base]
     raise ValueError(f"no Caffe label subsampling fits logits {tuple(logits.shape[-2:])} for a "
                      f"{h}x{w} crop; use a crop of the form stride x k + 1 (8k+1 such as 321 at "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from seglab.checkpoint import FORMATS_READ
+from seglab.checkpoint import FORMATS_READ, CheckpointError, safe_load
 from seglab.models import unwrap
 
 
@@ -60,10 +60,9 @@ def load_torch_state(path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path}: no such file (`convert.py --help` lists download URLs)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickled code, not a torch file
-        raise ConversionError(f"cannot read {path} as a PyTorch weights file "
-                              f"(torch.load(weights_only=True)): {e}") from e
+        obj = safe_load(path, "weights file")
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     if isinstance(obj, dict) and obj.get("format") in FORMATS_READ:
         raise ConversionError(f"{path} is already one of our checkpoints (use `--to-published` "
                               "to export it)")

@@ -1,0 +1,154 @@
+"""Any network behind the model seam to one ONNX file, and the check that the file computes what
+PyTorch computes.
+
+    facts = export_onnx("runs/voc12/checkpoints/final.pth", "model.onnx", msc=True)
+    check = compare_with_torch("model.onnx", torch_model(...), inputs)
+
+What goes into the file: the network exactly as `Predictor` builds it for fp32 inference
+(seglab/inference/predictor.py: the architecture's `prepare_inference` rewrites, here with frozen
+BN folded into the convolutions and the ASPP left as its plain dilated convolutions, which ONNX
+runtimes already run well), optionally inside MSC (seglab/models/msc.py: the image at 1x and each
+scale, the smaller logits upsampled with the checkpoint's resize convention and fused by max).
+Input `image` (N, 3, H, W): the normalised image (seglab/data/transforms.py; the normalisation is
+in the metadata, not in the graph, so `--norm` still works at inference); output `logits`
+(N, C, h, w) at the architecture's output stride, not upsampled, as every network of the seam.
+Batch, height and width are dynamic: the MSC branch sizes are computed in the graph from the
+input size (Caffe's Interp arithmetic), so one file serves every image size.
+
+The graph comes from torch.export through `torch.onnx.export(dynamo=True)` (the exporter PyTorch
+maintains; the TorchScript exporter is deprecated), written as one self-contained file (weights
+inside, no external data: every network here is far below protobuf's 2 GB) with the facts a
+predictor needs as JSON in the model's metadata (`metadata_props["seglab"]`): architecture,
+classes, normalisation, resize convention, MSC scales, output stride, precision, and the source
+checkpoint's identity, training split and provenance.
+
+The check (`compare_with_torch`): the same normalised inputs through PyTorch (fp32) and through
+onnxruntime; the largest absolute difference of the logits over the largest absolute logit
+("max relative difference") and the share of pixels whose full-resolution label (argmax after
+the upsampling of `full_resolution_logits`) is the same.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from seglab.checkpoint import sha256
+from seglab.data.demo import DEMO_CLASSES, draw_sample
+from seglab.data.transforms import EvalTransform
+from seglab.deploy.onnx_file import (FORMAT, INPUT, OUTPUT, VERSION, ExportError, open_session,
+                                     write_onnx)
+from seglab.inference.predictor import Predictor
+from seglab.models import unwrap
+from seglab.models.resize import full_resolution_logits
+
+OPSET = 18
+TOLERANCE = 1e-4   # max relative difference of fp32 logits, ONNX vs PyTorch
+
+
+def torch_predictor(source, msc: bool = False, msc_scales=None, interp=None,
+                    norm=None) -> Predictor:
+    """The fp32 CPU Predictor whose `model` is what gets exported: BN folded, plain ASPP, NCHW.
+    `msc=False` gives the bare network; with `msc=True` the MSC scales come from `msc_scales`,
+    else from the checkpoint's config (else the paper's 0.75, 0.5)."""
+    scales = () if not msc else (None if msc_scales is None else tuple(msc_scales))
+    predictor = Predictor(source, device="cpu", precision="fp32", fold_bn=True,
+                          channels_last=False, shifted_aspp=False, msc_scales=scales,
+                          interp=interp, norm=norm)
+    if msc and not predictor.msc_scales:
+        raise ExportError("--msc asked for, but the checkpoint's config has no MSC scales "
+                          "(model.msc_scales=[]); give them with --msc-scales 0.75 0.5")
+    return predictor
+
+
+def metadata(predictor: Predictor, precision: str = "fp32", **extra) -> dict:
+    """What a predictor needs to run the file (and the logit cache to identify it)."""
+    arch = unwrap(predictor.model).arch
+    ckpt = predictor.checkpoint or {}
+    source = dict(identity=predictor.identity, trained_on=ckpt.get("trained_on"),
+                  provenance=ckpt.get("provenance") or {}, input_norm=ckpt.get("input_norm"))
+    return dict(format=FORMAT, version=VERSION, arch=arch, num_classes=predictor.num_classes,
+                norm=predictor.norm, interp=predictor.interp,
+                msc_scales=list(predictor.msc_scales), output_stride=predictor.output_stride,
+                precision=precision, input=INPUT, output=OUTPUT, source=source, **extra)
+
+
+def example_input(output_stride: int) -> torch.Tensor:
+    """A traced input whose sizes are neither 0/1 nor equal (so torch.export keeps batch, height
+    and width symbolic) and small enough to trace fast."""
+    return torch.randn(2, 3, 6 * output_stride + 1, 8 * output_stride + 1)
+
+
+def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int = OPSET) -> onnx.ModelProto:
+    """torch.export -> ONNX with dynamic batch, height and width."""
+    dims = {0: torch.export.Dim("batch", min=1, max=256),
+            2: torch.export.Dim("height", min=16, max=8192),
+            3: torch.export.Dim("width", min=16, max=8192)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                    input_names=[INPUT], output_names=[OUTPUT],
+                                    dynamic_shapes=(dims,),
+                                    optimize=True, verbose=False)
+    return program.model_proto
+
+
+def check_inputs(norm: str, output_stride: int, images=None, sizes=((321, 385), (513, 449)),
+                 seed: int = 0) -> list[torch.Tensor]:
+    """Normalised (1, 3, H, W) inputs for the round-trip check: `images` (RGB uint8 arrays) if
+    given, else synthetic VOC-like scenes (seglab/data/demo.py) of two different `sizes`. Each
+    goes in at its own size (no padding), so the dynamic height and width are exercised."""
+    if images is None:
+        images = [draw_sample(np.random.default_rng([seed, k]), size, DEMO_CLASSES)[0]
+                  for k, size in enumerate(sizes)]
+    transform = EvalTransform(mode="full", norm=norm, stride=output_stride)
+    return [transform(image)[0][None] for image in images]
+
+
+def compare_with_torch(onnx_path, model: torch.nn.Module, inputs, interp: str = "caffe",
+                       session=None) -> dict:
+    """Run `inputs` through PyTorch and the ONNX file: {"max_rel_diff", "label_agreement",
+    "sizes"} (see the module docstring). `session`: an open onnxruntime session of the file."""
+    session = session or open_session(onnx_path)
+    worst, same, total, sizes = 0.0, 0, 0, []
+    for x in inputs:
+        with torch.inference_mode():
+            ref = model(x).float()
+        out = torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
+        if out.shape != ref.shape:
+            raise ExportError(f"ONNX output {tuple(out.shape)} != PyTorch {tuple(ref.shape)} "
+                              f"for input {tuple(x.shape)}")
+        worst = max(worst, float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+        size = tuple(x.shape[-2:])
+        for a, b in zip(out, ref):
+            la = full_resolution_logits(a, size, size, interp).argmax(0)
+            lb = full_resolution_logits(b, size, size, interp).argmax(0)
+            same, total = same + int((la == lb).sum()), total + la.numel()
+        sizes.append(list(size))
+    return dict(max_rel_diff=worst, label_agreement=same / max(total, 1), sizes=sizes)
+
+
+def export_onnx(source, out, msc: bool = False, msc_scales=None, interp=None, norm=None,
+                check: bool = True, check_images=None, opset: int = OPSET) -> dict:
+    """Export a checkpoint (path or dict) or model to `out`; with `check`, compare the file with
+    PyTorch on two input sizes (or `check_images`) and raise ExportError beyond TOLERANCE or
+    below 100% label agreement. Returns the metadata plus the check's numbers."""
+    predictor = torch_predictor(source, msc, msc_scales, interp, norm)
+    model = predictor.model.eval()
+    proto = to_onnx(model, example_input(predictor.output_stride), opset)
+    meta = metadata(predictor)
+    write_onnx(proto, out, meta)
+    facts = dict(meta, file=str(out), sha256=sha256(out))
+    if check:
+        result = compare_with_torch(out, model, check_inputs(
+            predictor.norm, predictor.output_stride, check_images), predictor.interp)
+        facts["check"] = result
+        if result["max_rel_diff"] > TOLERANCE or result["label_agreement"] < 1.0:
+            raise ExportError(f"{out} does not reproduce PyTorch: max relative difference "
+                              f"{result['max_rel_diff']:.2e} (allowed {TOLERANCE:.0e}), labels "
+                              f"{100 * result['label_agreement']:.3f}% equal. The file is kept "
+                              "for inspection; please report the architecture.")
+    return facts

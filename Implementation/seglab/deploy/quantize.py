@@ -1,0 +1,177 @@
+"""int8 post-training quantisation, calibrated on training crops, through the two maintained
+paths for x86 CPUs:
+
+  quantize_checkpoint  onnxruntime's static quantisation in the QDQ format (the format its CPU
+                       kernels are optimised for): a checkpoint is exported to fp32 ONNX
+                       (onnx_export.py), prepared (`quant_pre_process`: shape inference and graph
+                       optimisation), calibrated, and written as one int8 .onnx file that
+                       OnnxPredictor, evaluate.py and infer.py run. Weights int8 per output
+                       channel (symmetric), activations uint8 per tensor (asymmetric), full 8-bit
+                       range: the settings onnxruntime's documentation gives for x86 CPUs with
+                       VNNI (u8 x s8 products then accumulate without saturation).
+  quantize_pt2e        torchao's PT2E flow (torchao.quantization.pt2e; PyTorch 2.14 moved it out
+                       of torch.ao): torch.export, the X86 Inductor quantizer's default static
+                       config (uint8 activations per tensor, int8 weights per channel), observers,
+                       calibration, convert; `torch.compile` then lowers it to oneDNN int8
+                       kernels. In-process only (the benchmark's second int8 path).
+
+Calibration data (`calibration_crops`): `count` crops of `crop` x `crop` pixels, made as training
+makes them (seglab/data/transforms.py TrainTransform: random scale 0.5-1.5, pad with the mean
+colour, random crop, mirror), drawn from the training split of a VOC-layout data root or from
+every image under a plain folder, deterministic for a seed. A few hundred crops by default (the
+usual PTQ budget: activation ranges stop moving well before that); tests use a handful.
+Calibration method: MinMax (each activation's observed range, merged over the crops). Its
+augmented graph returns only a min and a max per tensor, so memory does not grow with the number
+of crops; onnxruntime's histogram calibrators (Percentile, Entropy) keep every activation of every
+crop in memory until the end, which a ResNet-101 at 321 x 321 cannot afford for hundreds of crops.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from seglab.checkpoint import sha256
+from seglab.data.images import DataError, load_image
+from seglab.data.registry import dataset_class
+from seglab.data.transforms import VOC_SCALES, TrainTransform
+from seglab.data.voc import voc_dir
+from seglab.deploy.onnx_export import export_onnx, torch_predictor
+from seglab.deploy.onnx_file import INPUT, read_metadata, write_onnx
+from seglab.inference.batch import find_images
+
+METHODS = ("minmax",)
+DEFAULT_CROPS, DEFAULT_CROP = 300, 321
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data
+# ---------------------------------------------------------------------------------------------
+
+def calibration_sources(root, split: str = "train_aug") -> list[Path]:
+    """Image files to calibrate on: `split` of a VOC-layout root, else every image below `root`."""
+    root = Path(root)
+    if voc_dir(root).is_dir():
+        ds = dataset_class("voc")(root, split, None, check_labels=False)
+        return [ds.image_path(i) for i in range(len(ds))]
+    images, missing = find_images([root])
+    if missing or not images:
+        raise DataError(f"no calibration images under {root}: give a VOC-layout data root "
+                        "(its training split is used) or a folder of .jpg/.png images")
+    return [path for path, _ in images]
+
+
+def calibration_crops(root, count: int = DEFAULT_CROPS, crop: int = DEFAULT_CROP,
+                      norm: str = "caffe", split: str = "train_aug", seed: int = 0,
+                      scales=VOC_SCALES):
+    """Yield `count` normalised training crops (1, 3, crop, crop): crop k comes from image
+    k mod len(images) (shuffled once by `seed`) with its own random scale, crop and mirror."""
+    paths = calibration_sources(root, split)
+    order = np.random.default_rng(seed).permutation(len(paths))
+    transform = TrainTransform(crop=crop, scales=scales, mirror=True, norm=norm)
+    for k in range(count):
+        image = load_image(paths[order[k % len(paths)]])
+        dummy = np.zeros(image.shape[:2], np.uint8)
+        x, _ = transform(image, dummy, np.random.default_rng([seed, k]))
+        yield x[None]
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over an iterator of crops."""
+
+    def __init__(self, crops):
+        self.crops, self.seen = iter(crops), 0
+
+    def get_next(self):
+        x = next(self.crops, None)
+        if x is None:
+            return None
+        self.seen += 1
+        return {INPUT: x.numpy()}
+
+    def rewind(self):  # the MinMax calibrator never rewinds; histogram ones do not either
+        raise RuntimeError("calibration crops can be read once")
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime: static QDQ quantisation of an ONNX file
+# ---------------------------------------------------------------------------------------------
+
+def quantize_onnx(fp32_path, out, crops, method: str = "minmax", per_channel: bool = True,
+                  **facts) -> dict:
+    """Quantise an fp32 file of ours to int8 QDQ, calibrated on `crops`; copies its metadata
+    with precision "int8" and a `quantization` record. Returns that metadata."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+    meta = read_metadata(fp32_path)
+    if meta["precision"] != "fp32":
+        raise ValueError(f"{fp32_path} is already {meta['precision']}: quantise the fp32 file")
+    started = time.perf_counter()
+    reader = _Reader(crops)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, quantised = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(quantised), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, reduce_range=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        quantization = dict(runtime="onnxruntime", format="QDQ", method=method,
+                            per_channel=per_channel, activations="uint8 per tensor",
+                            weights="int8 per channel" if per_channel else "int8 per tensor",
+                            crops=reader.seen, seconds=round(time.perf_counter() - started, 1),
+                            fp32_sha256=sha256(fp32_path), **facts)
+        meta = dict(meta, precision="int8", quantization=quantization)
+        write_onnx(onnx.load_model(str(quantised)), out, meta)
+    return meta
+
+
+def quantize_checkpoint(source, out, calibration, count: int = DEFAULT_CROPS,
+                        crop: int = DEFAULT_CROP, method: str = "minmax", msc: bool = False,
+                        msc_scales=None, split: str = "train_aug", seed: int = 0,
+                        fp32_out=None) -> dict:
+    """Checkpoint (or model) -> checked fp32 ONNX (`fp32_out`, else a temp file) -> int8 QDQ
+    `out`, calibrated on `count` crops of the training images under `calibration`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(fp32_out or Path(tmp) / "fp32.onnx")
+        facts = export_onnx(source, fp32, msc=msc, msc_scales=msc_scales)
+        crops = calibration_crops(calibration, count, crop, facts["norm"], split, seed)
+        meta = quantize_onnx(fp32, out, crops, method, calibration=str(calibration),
+                             split=split, crop=crop, seed=seed)
+    return dict(meta, fp32_check=facts["check"])
+
+
+# ---------------------------------------------------------------------------------------------
+# torchao PT2E: int8 in PyTorch (X86 Inductor quantizer)
+# ---------------------------------------------------------------------------------------------
+
+def quantize_pt2e(source, crops, msc: bool = False, compile: bool = True):
+    """An int8 PyTorch module of a checkpoint (or model) through torchao's PT2E flow, calibrated
+    on `crops` (normalised (1, 3, h, w) tensors). With `compile`, the result is torch.compile'd
+    (Inductor freezing on, which the int8 oneDNN lowering needs); the first call per input size
+    then compiles."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    model = torch_predictor(source, msc=msc).model.eval()
+    crops = iter(crops)
+    first = next(crops)
+    with torch.no_grad():
+        exported = torch.export.export(model, (first,)).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(
+            xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        prepared(first)
+        for x in crops:
+            prepared(x)
+        converted = convert_pt2e(prepared)
+    if not compile:
+        return converted
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    return torch.compile(converted)

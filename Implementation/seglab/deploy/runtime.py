@@ -1,0 +1,84 @@
+"""OnnxPredictor: an exported (fp32) or quantised (int8) ONNX file behind the interface of
+seglab.inference.predictor.Predictor, so evaluation, inference and the benchmarks run it
+unchanged.
+
+    predictor = OnnxPredictor("model_int8.onnx")
+    labels, logits = predictor.predict(image_rgb_uint8)      # (H, W) uint8, (C, H, W) float32
+
+The facts PyTorch's Predictor reads from a checkpoint (classes, input normalisation, resize
+convention, MSC scales, output stride, training split) come from the file's metadata
+(onnx_export.py). The MSC scales and the precision are part of the graph: asking for other ones
+is an error that says how to get them (export again; quantise with export.py int8), never a
+silent fallback. The normalisation stays outside the graph, so `norm=` overrides it as for
+Predictor. `transform` and `predict` are Predictor's own methods (the same padding and the same
+`full_resolution_logits`), so the two predictors differ only in what runs the network.
+
+onnxruntime runs the file on the CPU (CPUExecutionProvider, all graph optimisations, which fuse
+the QDQ pairs of an int8 file into integer convolutions); `device="cuda"` uses the
+CUDAExecutionProvider where the onnxruntime-gpu build provides it.
+"""
+from __future__ import annotations
+
+import torch
+
+from seglab.checkpoint import sha256
+from seglab.deploy.onnx_file import INPUT, OUTPUT, open_session, read_metadata
+from seglab.inference.predictor import Predictor
+
+
+class OnnxPredictor:
+    """An ONNX file of ours (export.py onnx / int8) ready for inference.
+
+    Attributes as Predictor: device, precision (the file's: "fp32" or "int8"), norm, interp,
+    msc_scales, num_classes, output_stride, checkpoint (the source checkpoint's facts from the
+    metadata: trained_on, provenance), identity (sha256 of the .onnx file), session, metadata.
+    `precision="fp32"` (the default everywhere) means "as the file was written"; "bf16" is a
+    PyTorch path and an error here. `msc_scales` / `interp` must match the file when given.
+    """
+
+    transform = Predictor.transform
+    predict = Predictor.predict
+
+    def __init__(self, path, device="auto", precision: str = "fp32", msc_scales=None,
+                 interp=None, norm=None, threads: int = 0):
+        meta = read_metadata(path)
+        self.path, self.metadata = str(path), meta
+        self.precision = meta["precision"]
+        if precision not in ("fp32", self.precision):
+            raise ValueError(f"{path} holds a {self.precision} network; precision "
+                             f"{precision!r} is not something an ONNX file can switch to. Use "
+                             "the .pth checkpoint for bf16, or `export.py int8` for int8.")
+        asked = dict(msc_scales=None if msc_scales is None else [float(s) for s in msc_scales],
+                     interp=interp)
+        for name, value in asked.items():
+            if value is not None and value != meta[name]:
+                raise ValueError(f"{path} was exported with {name}={meta[name]!r}, not "
+                                 f"{value!r}: export the checkpoint again with the {name} "
+                                 "you want (export.py onnx --msc / --msc-scales)")
+        self.msc_scales, self.interp = tuple(meta["msc_scales"]), meta["interp"]
+        self.norm = norm or meta["norm"]
+        self.num_classes, self.output_stride = meta["num_classes"], meta["output_stride"]
+        source = meta.get("source") or {}
+        self.checkpoint = dict(arch=meta["arch"], trained_on=source.get("trained_on"),
+                               provenance=source.get("provenance") or {},
+                               input_norm=source.get("input_norm"))
+        self.identity = "sha256:" + sha256(path)
+        self.session = open_session(path, str(device), threads)
+        self.device = torch.device("cuda" if "CUDAExecutionProvider" in
+                                   self.session.get_providers()[:1] else "cpu")
+        self._transforms = {}
+
+    def settings(self) -> dict:
+        """Everything that shapes the logits, e.g. for a logit cache's identity."""
+        return dict(identity=self.identity, msc_scales=list(self.msc_scales), interp=self.interp,
+                    norm=self.norm, precision=self.precision, runtime="onnxruntime",
+                    source=self.metadata.get("source", {}).get("identity"),
+                    quantization=self.metadata.get("quantization"))
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Network logits for one normalised image [3, H', W'] (or a batch [N, 3, H', W']):
+        FloatTensor (C, h, w) (or (N, C, h, w)) on the CPU."""
+        batched = image.dim() == 4
+        x = (image if batched else image[None]).detach().cpu().float().contiguous().numpy()
+        y = torch.from_numpy(self.session.run([OUTPUT], {INPUT: x})[0])
+        return y if batched else y[0]
