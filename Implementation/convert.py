@@ -47,6 +47,8 @@ from pathlib import Path
 from seglab.checkpoint import CheckpointError, atomic_save, make_checkpoint, sha256
 from seglab.weights import caffe, published, torchvision_imagenet
 from seglab.weights import tflite
+from seglab.weights import torchvision_seg as tv_seg, vainf
+from seglab.weights import fcn_caffe, imagenet_backbones
 from seglab.weights.caffe_proto import CaffeModelError
 from seglab.weights.common import ConversionError
 from seglab.weights.provenance import SPLIT_CONTENTS, guess_trained_on
@@ -63,7 +65,15 @@ CONVERTERS = {
     "torchvision": (torchvision_imagenet, "torchvision ResNet-50/101 ImageNet weights (a local "
                                           "file, or `download`)",
                     "https://download.pytorch.org/models/resnet101-63fe2227.pth", "imagenet"),
-    "tflite": (tflite, "a TF Lite DeepLab v3 MobileNetV2 (.tflite, float or uint8)", " or ".join(tflite.URLS), "tf"),
+    "tflite": (tflite, "a TF Lite DeepLab v3 MobileNetV2 (.tflite, float or uint8)",
+               " or ".join(tflite.URLS), "tf"),
+    "torchvision-seg": (tv_seg, tv_seg.HELP, tv_seg.DOWNLOAD, "imagenet"),
+    "vainf": (vainf, vainf.HELP, vainf.DOWNLOAD, "imagenet"),
+    "imagenet_backbones": (imagenet_backbones, imagenet_backbones.HELP,
+                           imagenet_backbones.DOWNLOAD, "imagenet"),
+    "fcn_caffe": (fcn_caffe, "an FCN-VGG16 Caffe release (fcn8s-heavy-pascal.caffemodel, "
+                             "fcn16s/fcn32s-heavy-pascal, fcn8s-atonce-pascal)",
+                  "http://dl.caffe.berkeleyvision.org/fcn8s-heavy-pascal.caffemodel", "caffe"),
 }
 
 def parse_args(argv=None):

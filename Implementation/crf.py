@@ -33,7 +33,8 @@ from seglab.data.images import DataError
 from seglab.data.registry import dataset_class
 from seglab.densecrf.params import PAPER_GRID, CRFParams, crf_params_from_config
 from seglab.densecrf.runner import CRFFailure, CRFJob, run_crf
-from seglab.densecrf.search import best_setting, params_of, pick_subset, search, search_grid
+from seglab.densecrf.search import (best_setting, cross_validate, params_of, pick_subset,
+                                   score_grid, search, search_grid)
 from seglab.evaluation.logit_cache import LogitCacheError, cache_path, cached_ids
 
 EXPECTED = (ConfigError, DataError, LogitCacheError, FileNotFoundError, ValueError, ImportError,
@@ -150,9 +151,9 @@ def cmd_search(args, cfg: dict) -> int:
     index = {image_id: k for k, image_id in enumerate(dataset.ids)}
     jobs = [CRFJob(i, str(dataset.image_path(index[i])), str(cache_path(args.cache, i)),
                    gt_path=str(dataset.label_path(index[i]))) for i in ids]
-    rows, baseline, failures = search(jobs, settings, cfg["crf"]["workers"] or None,
-                                      cfg["crf"]["backend"], crf_device(cfg),
-                                      cfg["model"]["interp"])
+    grid_results = score_grid(jobs, settings, cfg["crf"]["workers"] or None,
+                              cfg["crf"]["backend"], crf_device(cfg), cfg["model"]["interp"])
+    rows, baseline, failures = search(jobs, settings, grid=grid_results)
     write_failures(out, failures)
     if len({r["images"] for r in rows}) > 1:
         print("warning: settings were scored on different numbers of images (see failures.txt);"
@@ -163,6 +164,12 @@ def cmd_search(args, cfg: dict) -> int:
                "num_settings": len(settings), "failures": len(failures)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_search(ranked, baseline, best, out, args.top)
+    if args.folds:
+        cv = cross_validate(grid_results[0], grid_results[1], ids, args.folds, args.seed)
+        (out / "cross_validation.json").write_text(json.dumps(cv, indent=2) + "\n")
+        print(f"{args.folds}-fold cross-validation (each image scored with the setting tuned on "
+              f"the other folds): CRF mIoU {100 * cv['crf']['miou']:.2f}, no CRF "
+              f"{100 * cv['no_crf']['miou']:.2f} -> {out / 'cross_validation.json'}")
     return 1 if failures else 0
 
 
@@ -204,7 +211,10 @@ def parse_args(argv=None):
                    help="theta_beta: one value or the grid (search: 3 4 5 6)")
     p.add_argument("--num-images", type=int, default=100,
                    help="search: images in the search subset (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="search: subset shuffle seed")
+    p.add_argument("--seed", type=int, default=0, help="search: subset and fold shuffle seed")
+    p.add_argument("--folds", type=int, default=0,
+                   help="search: also K-fold cross-validate it (each image scored with the "
+                        "setting tuned on the other folds), e.g. 2; 0 = no")
     p.add_argument("--top", type=int, default=10, help="search: settings to print")
     return parse_config_args(p, argv)
 

@@ -3,7 +3,7 @@
     python Implementation/datasets.py --root data --download   # VOC 2012 + SBD, build train_aug
     python Implementation/datasets.py --root data --sbd-root data/SBD   # build train_aug only
     python Implementation/datasets.py --dataset ade20k --root data/ade20k --download
-    python Implementation/datasets.py --dataset cocostuff10k --root data/cocostuff-10k-v1.1 --download
+    python Implementation/datasets.py --dataset cocostuff10k --root data/cocostuff-10k --download
     python Implementation/datasets.py --dataset cocostuff164k --root data/cocostuff-164k --download
     python Implementation/datasets.py --dataset cityscapes --root data/cityscapes  # zips in ROOT
     python Implementation/datasets.py --dataset folder --root my_data --val-fraction 0.2 --seed 0

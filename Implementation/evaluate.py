@@ -14,7 +14,8 @@ import argparse
 import sys
 
 from seglab.checkpoint import CheckpointError
-from seglab.config import ConfigError, add_config_arguments, config_flag, config_from_args
+from seglab.config import (ConfigError, add_config_arguments, config_flag, config_from_args,
+                           explicit_model_settings)
 from seglab.config import parse_args as parse_config_args
 from seglab.data.images import DataError
 from seglab.device import DeviceError
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
         if getattr(args, "cfg:eval.crf") is None and not any(
                 o.startswith("eval.crf=") for o in args.overrides):
             cfg["eval"]["crf"] = False
-        evaluate(args.checkpoint, EvalSettings.from_config(cfg), out_dir=args.out)
+        settings = EvalSettings.from_config(cfg, **explicit_model_settings(args.overrides, cfg))
+        evaluate(args.checkpoint, settings, out_dir=args.out)
     except EXPECTED as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

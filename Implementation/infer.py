@@ -33,13 +33,14 @@ import time
 from pathlib import Path
 
 from seglab.checkpoint import CheckpointError
-from seglab.config import ConfigError, config_flag, config_from_args, save_config
+from seglab.config import (ConfigError, config_flag, config_from_args, explicit_model_settings,
+                           save_config)
 from seglab.config import parse_args as parse_config_args
 from seglab.densecrf.dense_crf import DenseCRF
 from seglab.densecrf.params import crf_params_from_config
 from seglab.device import DeviceError
 from seglab.inference.batch import find_images, infer
-from seglab.inference.predictor import Predictor
+from seglab.deploy import load_predictor  # a checkpoint, or an .onnx file (export.py)
 
 OVERRIDE = re.compile(r"^[a-z_]+\.[a-z_.]+=")
 EXPECTED = (CheckpointError, ConfigError, DeviceError, ImportError, FileNotFoundError, ValueError)
@@ -103,9 +104,11 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"no images (.jpg/.jpeg/.png/.bmp/.webp) found in "
                                     f"{args.inputs}")
         e = cfg["eval"]
-        predictor = Predictor(args.checkpoint, device=cfg["run"]["device"],
+        predictor = load_predictor(args.checkpoint, device=cfg["run"]["device"],
                               precision=e["precision"],
-                              norm=None if cfg["data"]["norm"] == "auto" else cfg["data"]["norm"])
+                              norm=None if cfg["data"]["norm"] == "auto" else cfg["data"]["norm"],
+                              flip=e["flip"], msc_fusion=e["msc_fusion"],
+                              **explicit_model_settings(args.overrides, cfg))
         crf = None
         if e["crf"]:
             backend = cfg["crf"]["backend"]

@@ -42,7 +42,9 @@ EXPECTED = (ConfigError, CheckpointError, DataError, DeviceError, EvaluationErro
 
 def evaluate_final(cfg: dict, checkpoint: Path, run_dir: Path, show_progress=True) -> dict:
     """Score the final model on data.val_split (and with the CRF), next to the baseline."""
-    scores = evaluate(checkpoint, EvalSettings.from_config(cfg), out_dir=run_dir / "eval_val",
+    settings = EvalSettings.from_config(cfg, msc_scales=tuple(cfg["model"]["msc_scales"]),
+                                        interp=cfg["model"]["interp"])
+    scores = evaluate(checkpoint, settings, out_dir=run_dir / "eval_val",
                       show_progress=show_progress)
     d = cfg["data"]
     lines = [f"val mIoU ({d['val_split']}, {d['root']}): {100 * scores['miou']:.2f}"]

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from seglab.data import labels
+from seglab.data.images import load_image
 from seglab.densecrf.dense_crf import DenseCRF, load_crf_inputs
 from seglab.densecrf.params import CRFParams
 from seglab.densecrf.runner import CRFJob, run_crf
@@ -52,7 +52,7 @@ def source_photo() -> np.ndarray:
     import matplotlib
     path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     if path.is_file():
-        return labels.load_image(path)
+        return load_image(path)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:600, :600]
     base = np.stack([(xx // 75) * 30, (yy // 60) * 25, ((xx + yy) // 90) * 20], -1) % 256

@@ -314,3 +314,31 @@ def test_apply_cli_writes_pngs_and_its_config(voc, tmp_path, capsys):
             crf.main([command, "--help"])
         assert exit_info.value.code == 0
         assert "--workers" in capsys.readouterr().out
+
+
+def test_cross_validated_search_never_scores_an_image_with_parameters_tuned_on_it():
+    """Per-image confusions built by hand: on the images of fold A setting 1 is best, on those
+    of fold B setting 2. Each fold must be scored with the *other* fold's choice."""
+    from seglab.densecrf.search import cross_validate
+
+    def cm(correct, wrong):
+        m = ConfusionMatrix(2)
+        m.matrix[0, 0], m.matrix[1, 1], m.matrix[0, 1] = correct, correct, wrong
+        return m
+
+    ids = ["i0", "i1", "i2", "i3", "i4", "i5"]
+    order = pick_subset(ids, len(ids), seed=0)  # how cross_validate deals the folds
+    fold_a = set(order[0::2])
+    good_for = lambda k, i: (k == 1) == (i in fold_a)  # noqa: E731
+    candidates = [CRFParams(iterations=0), CRFParams(bi_w=1), CRFParams(bi_w=2)]
+    confusions = {0: {i: cm(50, 50) for i in ids}}
+    for k in (1, 2):
+        confusions[k] = {i: cm(90, 10) if good_for(k, i) else cm(10, 90) for i in ids}
+    cv = cross_validate(candidates, confusions, ids, folds=2, seed=0)
+    assert len(cv["chosen"]) == 2
+    for fold in cv["chosen"]:
+        scored = set(fold["scored_on"])
+        assert scored in (fold_a, set(ids) - fold_a)
+        assert fold["params"]["bi_w"] == (2.0 if scored == fold_a else 1.0)
+    # every image was scored with the setting that is worse for it: below the baseline
+    assert cv["crf"]["pixel_acc"] < cv["no_crf"]["pixel_acc"]

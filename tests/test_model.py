@@ -265,3 +265,23 @@ def test_port_option_samples_at_a_step_of_one_over_s(scale):
     # what the option did before: a size= call samples at a step of in/out, not 1/s
     by_size = F.interpolate(x, size=ours.shape, mode="bilinear", align_corners=False)[0, 0]
     assert np.abs(by_size.numpy() - expect).max() > 1e-3
+
+
+def test_mean_fusion_averages_the_branch_probabilities():
+    """fusion="mean": log of the mean softmax over the upsampled branches, computed by hand."""
+    torch.manual_seed(0)
+    net = tiny().eval()
+    with torch.no_grad():  # logits far from zero, so the fusions differ
+        for conv in net.aspp.branches():
+            conv.weight.mul_(300)
+    msc = MSC(net, (0.75, 0.5), fusion="mean").eval()
+    x = torch.randn(1, 3, 49, 49)
+    with torch.no_grad():
+        branches = msc.upsampled(msc.branch_logits(x))
+        expect = torch.stack([b.softmax(1) for b in branches]).mean(0)
+        fused = msc(x)
+        by_max = MSC(net, (0.75, 0.5)).eval()(x)
+    torch.testing.assert_close(fused.softmax(1), expect, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(fused.softmax(1), by_max.softmax(1), atol=1e-3)
+    with pytest.raises(ValueError, match="fusion"):
+        MSC(net, fusion="median")

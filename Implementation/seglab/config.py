@@ -76,6 +76,8 @@ DEFAULTS = {
         "after_train": True,          # evaluate the final model on data.val_split
         "crf": True,                  # ... and also score it with the dense CRF
         "precision": "fp32",          # fp32 | bf16 for the network pass
+        "flip": False,                # also the left-right mirror, max-fused (not in the paper)
+        "msc_fusion": "max",          # max (the paper) | mean of the class probabilities (TF's)
         "trimap": [],                 # also score bands of these widths (px) around boundaries
         "limit": 0,                   # only the first N images (0 = all)
         "loader_workers": 0,          # image-loading processes for the network pass
@@ -111,6 +113,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16"),
     "eval.mode": ("voc", "full"),
     "eval.precision": ("fp32", "bf16"),
+    "eval.msc_fusion": ("max", "mean"),
     "crf.normalization": tuple(NORMALIZATIONS),
     "crf.backend": ("pydensecrf", "torch"),
 }
@@ -330,3 +333,11 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
         section, name = key.split(".")
         _merge(cfg, {section: {name: value}}, "")
     return validate(cfg)
+
+
+def explicit_model_settings(overrides, cfg: dict) -> dict:
+    """{msc_scales, interp} for inference, only where the command line sets model.msc_scales /
+    model.interp: otherwise a checkpoint keeps the settings it was trained with."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    return {k: (tuple(cfg["model"][k]) if k == "msc_scales" else cfg["model"][k])
+            for k in ("msc_scales", "interp") if f"model.{k}" in given}

@@ -54,7 +54,8 @@ def read_index_png(path: Path, help_text: str = "") -> np.ndarray:
     """A single-channel label image as (H, W) uint8 pixel values, or a DataError naming it."""
     image = open_image(path, "label")
     if image.mode not in INDEX_MODES:
-        kind = "an RGB colour image" if image.mode in ("RGB", "RGBA") else f"of PIL mode {image.mode!r}"
+        kind = ("an RGB colour image" if image.mode in ("RGB", "RGBA")
+                else f"of PIL mode {image.mode!r}")
         raise DataError(f"label {path} is {kind}; labels must be single-channel 8-bit PNGs whose "
                         f"pixel values are class indices (255 = ignored), not colours. {help_text}")
     return np.array(image, dtype=np.uint8)
@@ -189,7 +190,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         stale = not mapped.is_file() or (raw.is_file() and
                                          mapped.stat().st_mtime_ns < raw.stat().st_mtime_ns)
         if stale:
-            label = self.load_label(i)
+            with Image.open(self._require(self.image_path(i), "image")) as image:
+                size = (image.height, image.width)  # the header only: no decoding
+            label = self.load_label(i, size)
             try:
                 save_index_png(mapped, label, self.palette)
             except OSError as e:

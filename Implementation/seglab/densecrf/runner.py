@@ -149,6 +149,64 @@ def iter_crf(jobs: Iterable, params: CRFParams | None = None, workers: int | Non
                 pool.join()
 
 
+class CRFStream:
+    """CRF jobs handed in as they become ready (e.g. as the network caches each image's
+    logits), run by worker processes started up front, so that the network and the CRF keep
+    every core busy at once: no network pass waiting on the CRF, no CRF waiting for the whole
+    network pass, and no idle tail (jobs go out one at a time). `finish()` waits for the last
+    one. workers=1 runs each job in this process when it is submitted."""
+
+    def __init__(self, params: CRFParams | None = None, workers: int | None = None,
+                 backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
+                 trimap_widths=None, progress: bool = True, desc: str = "CRF"):
+        backend = resolve_backend(backend)
+        self.settings = _Settings(params or CRFParams(), backend, device, interp, False,
+                                  tuple(trimap_widths) if trimap_widths else None)
+        DenseCRF(self.settings.params, backend, device)  # fail here, not in every worker
+        workers = workers or default_workers(backend, device)
+        self.pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+                     if workers > 1 else None)
+        self.done, self.pending, self.count = [], [], 0
+        self.bar = tqdm(total=0, desc=desc, unit="img", disable=not progress, position=1,
+                        leave=True)
+
+    def submit(self, job: CRFJob) -> None:
+        item = (self.count, job, self.settings)
+        self.count += 1
+        self.bar.total = self.count
+        self.bar.refresh()
+        if self.pool is None:
+            self._finished(_run_job(item))
+        else:
+            self.pending.append(self.pool.apply_async(_run_job, (item,),
+                                                      callback=self._finished))
+
+    def _finished(self, pair) -> None:
+        self.done.append(pair)
+        self.bar.update(1)
+
+    def finish(self) -> tuple[list[CRFResult], list[CRFFailure]]:
+        """Wait for every job: (results, failures), each in submission order."""
+        try:
+            for pending in self.pending:
+                pending.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+                self.pool.join()
+            self.bar.close()
+            _PREPARED.clear()
+        done = [out for _, out in sorted(self.done, key=lambda pair: pair[0])]
+        return ([o for o in done if isinstance(o, CRFResult)],
+                [o for o in done if isinstance(o, CRFFailure)])
+
+    def abort(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+        self.bar.close()
+
+
 def run_crf(jobs: Iterable, params: CRFParams | None = None, workers: int | None = None,
             backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
             return_labels: bool = False, trimap_widths=None, progress: bool = True,

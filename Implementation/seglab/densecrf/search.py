@@ -34,15 +34,13 @@ def pick_subset(ids: Iterable[str], num_images: int, seed: int = 0) -> list[str]
     return ids[:num_images]
 
 
-def search(image_jobs: list[CRFJob], settings: list[CRFParams], workers: int | None = None,
-           backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
-           progress: bool = True) -> tuple[list[dict], dict, list[CRFFailure]]:
-    """Score every setting on every image (jobs must carry gt_path).
-
-    Returns (rows, baseline, failures): one row per setting, in `settings` order, with the
-    parameters and mIoU / pixel acc / mean class acc / images scored; `baseline` the same
-    scores without the CRF (0 iterations). Jobs are (image, setting) pairs, image-major, so a
-    worker prepares each image once and the load stays balanced."""
+def score_grid(image_jobs: list[CRFJob], settings: list[CRFParams], workers: int | None = None,
+               backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
+               progress: bool = True):
+    """Run every setting, and the no-CRF baseline first, on every image (jobs must carry
+    gt_path). Returns (candidates = [baseline] + settings, confusions[k][image_id],
+    failures). Jobs are (image, setting) pairs, image-major, so a worker prepares each image
+    once and the load stays balanced."""
     baseline_params = dataclasses.replace(settings[0] if settings else CRFParams(), iterations=0)
     candidates = [baseline_params] + list(settings)
     image_jobs = [job if isinstance(job, CRFJob) else CRFJob(*job) for job in image_jobs]
@@ -50,25 +48,78 @@ def search(image_jobs: list[CRFJob], settings: list[CRFParams], workers: int | N
         raise ValueError("every search job needs a gt_path (the ground truth to score)")
     jobs = [job._replace(out_path=None, params=p, tag=k) for job in image_jobs
             for k, p in enumerate(candidates)]
-    totals: dict[int, ConfusionMatrix] = {}
-    images = [0] * len(candidates)
+    confusions: dict[int, dict] = {k: {} for k in range(len(candidates))}
     failures = []
     for _, out in iter_crf(jobs, None, workers, backend, device, interp, progress=progress,
                            desc=f"CRF search ({len(candidates)} settings incl. no CRF x "
                                 f"{len(image_jobs)} images)", unit="run"):
         if isinstance(out, CRFFailure):
             failures.append(out)
-            continue
-        totals.setdefault(out.tag, ConfusionMatrix(out.confusion.num_classes)).merge(out.confusion)
-        images[out.tag] += 1
+        else:
+            confusions[out.tag][out.image_id] = out.confusion
+    return candidates, confusions, failures
 
-    def row(k: int) -> dict:
-        s = totals[k].scores() if k in totals else {}
-        return dict(candidates[k].to_dict(), miou=s.get("miou", math.nan),
-                    pixel_acc=s.get("pixel_acc", math.nan),
-                    mean_class_acc=s.get("mean_class_acc", math.nan), images=images[k])
 
-    return [row(k) for k in range(1, len(candidates))], row(0), failures
+def pooled(confusions: dict, ids) -> ConfusionMatrix | None:
+    """One confusion matrix over the images `ids` (those that were scored)."""
+    found = [confusions[i] for i in ids if i in confusions]
+    if not found:
+        return None
+    total = ConfusionMatrix(found[0].num_classes)
+    for cm in found:
+        total.merge(cm)
+    return total
+
+
+def score_row(params: CRFParams, cm: ConfusionMatrix | None, images: int) -> dict:
+    s = cm.scores() if cm is not None else {}
+    return dict(params.to_dict(), miou=s.get("miou", math.nan),
+                pixel_acc=s.get("pixel_acc", math.nan),
+                mean_class_acc=s.get("mean_class_acc", math.nan), images=images)
+
+
+def search(image_jobs: list[CRFJob], settings: list[CRFParams], workers: int | None = None,
+           backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
+           progress: bool = True, grid=None) -> tuple[list[dict], dict, list[CRFFailure]]:
+    """Score every setting on every image (jobs must carry gt_path).
+
+    Returns (rows, baseline, failures): one row per setting, in `settings` order, with the
+    parameters and mIoU / pixel acc / mean class acc / images scored; `baseline` the same
+    scores without the CRF (0 iterations). `grid`: the result of score_grid, if already run."""
+    candidates, confusions, failures = grid or score_grid(image_jobs, settings, workers, backend,
+                                                          device, interp, progress)
+    rows = [score_row(p, pooled(confusions[k], confusions[k]), len(confusions[k]))
+            for k, p in enumerate(candidates)]
+    return rows[1:], rows[0], failures
+
+
+def cross_validate(candidates: list[CRFParams], confusions: dict, ids: list[str], folds: int,
+                   seed: int = 0) -> dict:
+    """K-fold cross-validation of the search, from per-image results: for each fold, the best
+    setting on the other folds' images is scored on this fold's images only, so no image is
+    scored with parameters tuned on it. Returns the pooled scores of the held-out predictions
+    with and without the CRF, and each fold's chosen setting."""
+    if not 2 <= folds <= len(ids):
+        raise ValueError(f"--folds must be between 2 and the number of images ({len(ids)}), "
+                         f"got {folds}")
+    order = pick_subset(ids, len(ids), seed)
+    parts = [order[f::folds] for f in range(folds)]
+    held_out = ConfusionMatrix(next(iter(confusions[0].values())).num_classes)
+    chosen = []
+    for f, test in enumerate(parts):
+        train = [i for g, part in enumerate(parts) if g != f for i in part]
+        rows = [score_row(p, pooled(confusions[k], train), len(train))
+                for k, p in enumerate(candidates) if k > 0]
+        best = best_setting(rows)
+        k = 1 + rows.index(best)
+        cm = pooled(confusions[k], test)
+        if cm is not None:
+            held_out.merge(cm)
+        chosen.append(dict(fold=f, tuned_on=len(train), scored_on=test, params=params_of(best)
+                           .to_dict(), tuned_miou=best["miou"]))
+    baseline = pooled(confusions[0], ids)
+    return dict(folds=folds, seed=seed, crf=held_out.scores(), no_crf=baseline.scores(),
+                chosen=chosen)
 
 
 def best_setting(rows: list[dict]) -> dict:

@@ -50,37 +50,38 @@ def kernel_features(height: int, width: int, xy_std: float, image: Optional[Tens
 class PairwiseKernel:
     """One Potts-weighted, normalised Gaussian kernel on a permutohedral lattice.
 
-    The per-pixel normalisation and the Potts weight are folded once into the splat and slice
-    weights, so `message(Q)` is one splat, d+1 blurs and one slice (permutohedral.Bags)."""
+    The per-pixel normalisation and the Potts weight are folded once into the first and the
+    last of the lattice's filter passes (`PermutohedralLattice.passes`: splat, blur, slice,
+    some composed), so `message(Q)` is a few embedding-bag passes.
+    `bound` (N,): |weight| * after * filter(before), the largest |message| at each pixel
+    (filter(Q) <= filter(1) where 0 <= Q <= 1: the lattice weights are >= 0)."""
 
     def __init__(self, features: Tensor, weight: float, normalization: str):
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         lattice = PermutohedralLattice(features)
         ones = torch.ones(features.shape[0], 1, dtype=torch.float32, device=features.device)
-        norm = lattice.filter(ones)[:, 0].double()             # the C++ normalises in double
+        norm = lattice.filter(ones)[:, 0]
+        norm64 = norm.double()                                  # the C++ normalises in double
         before = after = None
         if normalization == "symmetric":
-            before = after = (1.0 / torch.sqrt(norm + 1e-20)).float()
+            before = after = (1.0 / torch.sqrt(norm64 + 1e-20)).float()
         elif normalization == "after":
-            after = (1.0 / (norm + 1e-20)).float()
+            after = (1.0 / (norm64 + 1e-20)).float()
         elif normalization == "before":
-            before = (1.0 / (norm + 1e-20)).float()
+            before = (1.0 / (norm64 + 1e-20)).float()
+        reach = norm if before is None else lattice.filter(before[:, None])[:, 0]
         after = ones[:, 0] * weight if after is None else after * weight
-        self.splat = lattice.splat_bags(before)
-        self.blur = lattice.blur_bags()
-        self.slice = lattice.slice_bags(after)
+        self.bound = (reach * after).abs()
+        self.passes = list(lattice.passes())
+        self.passes[0] = self.passes[0].scaled(inputs=before)
+        self.passes[-1] = self.passes[-1].scaled(rows=after)
 
     def message(self, q: Tensor) -> Tensor:
         """weight * normalised filter of q (N, C) -> (N, C)."""
-        lattice = self.splat.apply(q)
-        for step in self.blur:
-            lattice = step.apply(lattice)
-        return self.slice.apply(lattice)
-
-    def add_message(self, energy: Tensor, q: Tensor) -> Tensor:
-        """energy (N, C) += weight * normalised filter of q (N, C), in place."""
-        return energy.add_(self.message(q))
+        for step in self.passes:
+            q = step.apply(q)
+        return q
 
 
 def _as_tensor(x, name: str, device) -> Tensor:
@@ -89,6 +90,18 @@ def _as_tensor(x, name: str, device) -> Tensor:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x)).to(device)
     raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def _check(img: Tensor, u: Tensor, iterations: int, normalization: str) -> None:
+    if img.dim() != 3 or img.shape[2] != 3 or img.dtype != torch.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {tuple(img.shape)} {img.dtype}")
+    if u.dim() != 3 or tuple(u.shape[1:]) != tuple(img.shape[:2]) or u.shape[0] == 0:
+        raise ValueError(f"unary must be (C, H, W) with (H, W) = the image's {tuple(img.shape[:2])}, "
+                         f"got {tuple(u.shape)}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 def dense_crf(image, unary, iterations: int = 10, bi_w: float = 4.0, bi_xy_std: float = 67.0,
@@ -108,32 +121,30 @@ def dense_crf(image, unary, iterations: int = 10, bi_w: float = 4.0, bi_xy_std: 
     dev = torch.device(device) if as_numpy else unary.device
     img = _as_tensor(image, "image", dev)
     u = _as_tensor(unary, "unary", dev)
-    if img.dim() != 3 or img.shape[2] != 3 or img.dtype != torch.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {tuple(img.shape)} {img.dtype}")
-    if u.dim() != 3 or tuple(u.shape[1:]) != tuple(img.shape[:2]) or u.shape[0] == 0:
-        raise ValueError(f"unary must be (C, H, W) with (H, W) = the image's {tuple(img.shape[:2])}, "
-                         f"got {tuple(u.shape)}")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    _check(img, u, iterations, normalization)
     c, h, w = u.shape
     kernels = []                                   # a zero weight adds nothing: skip it
-    if pos_w != 0:
-        features = kernel_features(h, w, pos_xy_std, device=dev)
-        kernels.append(PairwiseKernel(features, pos_w, normalization))
-    if bi_w != 0:
-        features = kernel_features(h, w, bi_xy_std, img, bi_rgb_std)
-        kernels.append(PairwiseKernel(features, bi_w, normalization))
+    with torch.no_grad():
+        if pos_w != 0:
+            features = kernel_features(h, w, pos_xy_std, device=dev)
+            kernels.append(PairwiseKernel(features, pos_w, normalization))
+        if bi_w != 0:
+            features = kernel_features(h, w, bi_xy_std, img, bi_rgb_std)
+            kernels.append(PairwiseKernel(features, bi_w, normalization))
+        q = _mean_field(u.float().reshape(c, h * w), kernels, iterations, callback, (c, h, w))
+    q = q.t().reshape(c, h, w).contiguous()
+    return q.cpu().numpy() if as_numpy else q
 
-    # Softmax as exp(energy - shift) / sum with a per-pixel shift fixed once, max(-U): safe
-    # while no message can reach +-_EXP_SAFE. A message has the weight's sign and at most
-    # |weight| * after * filter(before) (filter(Q) <= filter(1): the lattice weights are >= 0).
-    neg_unary = -u.float().reshape(c, h * w).t().contiguous()          # (N, C)
+
+def _mean_field(unary: Tensor, kernels, iterations: int, callback, shape) -> Tensor:
+    """Q (N, C) after `iterations` updates from unary (C, N).
+
+    Softmax as exp(energy - shift) / sum with a per-pixel shift fixed once, max(-U): safe
+    while no message can reach +-_EXP_SAFE (the kernels' `bound`); else torch.softmax."""
+    neg_unary = unary.new_empty(unary.shape[::-1])                     # (N, C), a copy
+    torch.neg(unary.t(), out=neg_unary)
     neg_unary -= neg_unary.amax(1, keepdim=True)
-    ones = torch.ones(h * w, 1, dtype=torch.float32, device=dev)
-    bound = sum((k.add_message(torch.zeros_like(ones), ones).abs() for k in kernels),
-                torch.zeros_like(ones))
+    bound = sum((k.bound for k in kernels), torch.zeros_like(neg_unary[:, 0]))
     fast_softmax = bool(bound.max() < _EXP_SAFE)
 
     def normalise(energy: Tensor) -> Tensor:
@@ -144,13 +155,13 @@ def dense_crf(image, unary, iterations: int = 10, bi_w: float = 4.0, bi_xy_std: 
 
     q = normalise(neg_unary.clone())
     if callback is not None:
-        callback(0, q.t().reshape(c, h, w))
+        callback(0, q.t().reshape(shape))
     for it in range(1, iterations + 1):
-        energy = neg_unary.clone()
-        for kernel in kernels:
-            kernel.add_message(energy, q)
-        q = normalise(energy)
+        energy = neg_unary
+        for kernel in kernels:                     # a new tensor first, then in place
+            message = kernel.message(q)
+            energy = energy + message if energy is neg_unary else energy.add_(message)
+        q = normalise(energy.clone() if energy is neg_unary else energy)
         if callback is not None:
-            callback(it, q.t().reshape(c, h, w))
-    q = q.t().reshape(c, h, w).contiguous()
-    return q.cpu().numpy() if as_numpy else q
+            callback(it, q.t().reshape(shape))
+    return q

@@ -13,7 +13,11 @@ Input `image` (N, 3, H, W): the normalised image (seglab/data/transforms.py; the
 in the metadata, not in the graph, so `--norm` still works at inference); output `logits`
 (N, C, h, w) at the architecture's output stride, not upsampled, as every network of the seam.
 Batch, height and width are dynamic: the MSC branch sizes are computed in the graph from the
-input size (Caffe's Interp arithmetic), so one file serves every image size.
+input size (Caffe's Interp arithmetic), so one file serves every image size. A network whose
+padding is computed from the input size with branches (TensorFlow's SAME padding, asymmetric on
+even sizes) cannot become one graph for all sizes; `fixed_size` exports it for one size (513 x
+513, what the VOC protocol feeds and what the TF Lite releases take), and the check uses sizes
+of both parities so that a graph which is right for one parity only is caught.
 
 The graph comes from torch.export through `torch.onnx.export(dynamo=True)` (the exporter PyTorch
 maintains; the TorchScript exporter is deprecated), written as one self-contained file (weights
@@ -50,14 +54,14 @@ TOLERANCE = 1e-4   # max relative difference of fp32 logits, ONNX vs PyTorch
 
 
 def torch_predictor(source, msc: bool = False, msc_scales=None, interp=None,
-                    norm=None) -> Predictor:
+                    norm=None, msc_fusion: str = "max") -> Predictor:
     """The fp32 CPU Predictor whose `model` is what gets exported: BN folded, plain ASPP, NCHW.
     `msc=False` gives the bare network; with `msc=True` the MSC scales come from `msc_scales`,
     else from the checkpoint's config (else the paper's 0.75, 0.5)."""
     scales = () if not msc else (None if msc_scales is None else tuple(msc_scales))
     predictor = Predictor(source, device="cpu", precision="fp32", fold_bn=True,
                           channels_last=False, shifted_aspp=False, msc_scales=scales,
-                          interp=interp, norm=norm)
+                          interp=interp, norm=norm, msc_fusion=msc_fusion)
     if msc and not predictor.msc_scales:
         raise ExportError("--msc asked for, but the checkpoint's config has no MSC scales "
                           "(model.msc_scales=[]); give them with --msc-scales 0.75 0.5")
@@ -72,40 +76,63 @@ def metadata(predictor: Predictor, precision: str = "fp32", **extra) -> dict:
                   provenance=ckpt.get("provenance") or {}, input_norm=ckpt.get("input_norm"))
     return dict(format=FORMAT, version=VERSION, arch=arch, num_classes=predictor.num_classes,
                 norm=predictor.norm, interp=predictor.interp,
-                msc_scales=list(predictor.msc_scales), output_stride=predictor.output_stride,
+                msc_scales=list(predictor.msc_scales), msc_fusion=predictor.msc_fusion,
+                output_stride=predictor.output_stride,
                 precision=precision, input=INPUT, output=OUTPUT, source=source, **extra)
 
 
-def example_input(output_stride: int) -> torch.Tensor:
-    """A traced input whose sizes are neither 0/1 nor equal (so torch.export keeps batch, height
-    and width symbolic) and small enough to trace fast."""
-    return torch.randn(2, 3, 6 * output_stride + 1, 8 * output_stride + 1)
+def example_input(output_stride: int, fixed_size=None) -> torch.Tensor:
+    """A traced input: batch 2 and sizes that are neither 0/1 nor equal (so torch.export keeps
+    batch, height and width symbolic), small enough to trace fast; `fixed_size` (H, W) if set."""
+    size = fixed_size or (6 * output_stride + 1, 8 * output_stride + 1)
+    return torch.randn(2, 3, *size)
 
 
-def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int = OPSET) -> onnx.ModelProto:
-    """torch.export -> ONNX with dynamic batch, height and width."""
-    dims = {0: torch.export.Dim("batch", min=1, max=256),
-            2: torch.export.Dim("height", min=16, max=8192),
-            3: torch.export.Dim("width", min=16, max=8192)}
+def to_onnx(model: torch.nn.Module, example: torch.Tensor, fixed_size=None,
+            opset: int = OPSET) -> onnx.ModelProto:
+    """torch.export -> ONNX with a dynamic batch and, unless `fixed_size`, dynamic height and
+    width."""
+    dims = {0: torch.export.Dim("batch", min=1, max=256)}
+    if not fixed_size:
+        dims.update({2: torch.export.Dim("height", min=16, max=8192),
+                     3: torch.export.Dim("width", min=16, max=8192)})
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                    input_names=[INPUT], output_names=[OUTPUT],
-                                    dynamic_shapes=(dims,),
-                                    optimize=True, verbose=False)
+        try:
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                        input_names=[INPUT], output_names=[OUTPUT],
+                                        dynamic_shapes=(dims,), optimize=True, verbose=False)
+        except Exception as e:  # torch.export or the ONNX translation refused the graph
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            hint = ("" if fixed_size else " A network whose padding depends on the input size "
+                    "(e.g. TensorFlow SAME padding) may only export for one size: try "
+                    "--fixed-size 513 513.")
+            raise ExportError(f"torch.onnx.export failed: {first}.{hint}") from e
     return program.model_proto
 
 
-def check_inputs(norm: str, output_stride: int, images=None, sizes=((321, 385), (513, 449)),
-                 seed: int = 0) -> list[torch.Tensor]:
+def check_inputs(norm: str, output_stride: int, images=None, sizes=((320, 385), (513, 448)),
+                 fixed_size=None, seed: int = 0) -> list[torch.Tensor]:
     """Normalised (1, 3, H, W) inputs for the round-trip check: `images` (RGB uint8 arrays) if
-    given, else synthetic VOC-like scenes (seglab/data/demo.py) of two different `sizes`. Each
-    goes in at its own size (no padding), so the dynamic height and width are exercised."""
+    given, else synthetic VOC-like scenes (seglab/data/demo.py) of `sizes` (even and odd, tall
+    and wide: the dynamic height and width and any size-dependent padding are exercised). Each
+    goes in at its own size, or with `fixed_size` padded bottom/right to it (the VOC protocol)."""
     if images is None:
+        if fixed_size:
+            sizes = [(fixed_size[0] * 3 // 4, fixed_size[1]), (fixed_size[0], fixed_size[1] // 2)]
         images = [draw_sample(np.random.default_rng([seed, k]), size, DEMO_CLASSES)[0]
                   for k, size in enumerate(sizes)]
-    transform = EvalTransform(mode="full", norm=norm, stride=output_stride)
-    return [transform(image)[0][None] for image in images]
+    inputs = []
+    for image in images:
+        x, _ = EvalTransform(mode="full", norm=norm, stride=output_stride)(image)
+        if fixed_size:
+            if x.shape[-2] > fixed_size[0] or x.shape[-1] > fixed_size[1]:
+                raise ExportError(f"a check image of {tuple(x.shape[-2:])} does not fit the "
+                                  f"fixed input size {tuple(fixed_size)}")
+            x = torch.nn.functional.pad(x, (0, fixed_size[1] - x.shape[-1],
+                                            0, fixed_size[0] - x.shape[-2]))
+        inputs.append(x[None])
+    return inputs
 
 
 def compare_with_torch(onnx_path, model: torch.nn.Module, inputs, interp: str = "caffe",
@@ -132,19 +159,23 @@ def compare_with_torch(onnx_path, model: torch.nn.Module, inputs, interp: str = 
 
 
 def export_onnx(source, out, msc: bool = False, msc_scales=None, interp=None, norm=None,
-                check: bool = True, check_images=None, opset: int = OPSET) -> dict:
-    """Export a checkpoint (path or dict) or model to `out`; with `check`, compare the file with
-    PyTorch on two input sizes (or `check_images`) and raise ExportError beyond TOLERANCE or
-    below 100% label agreement. Returns the metadata plus the check's numbers."""
-    predictor = torch_predictor(source, msc, msc_scales, interp, norm)
+                fixed_size=None, check: bool = True, check_images=None, msc_fusion="max",
+                opset: int = OPSET) -> dict:
+    """Export a checkpoint (path or dict) or model to `out` (dynamic height and width, or
+    `fixed_size` (H, W)); with `check`, compare the file with PyTorch on two input sizes (or
+    `check_images`) and raise ExportError beyond TOLERANCE or below 100% label agreement.
+    Returns the metadata plus the check's numbers."""
+    predictor = torch_predictor(source, msc, msc_scales, interp, norm, msc_fusion)
     model = predictor.model.eval()
-    proto = to_onnx(model, example_input(predictor.output_stride), opset)
-    meta = metadata(predictor)
+    fixed_size = tuple(int(s) for s in fixed_size) if fixed_size else None
+    proto = to_onnx(model, example_input(predictor.output_stride, fixed_size), fixed_size, opset)
+    meta = metadata(predictor, fixed_size=list(fixed_size) if fixed_size else None)
     write_onnx(proto, out, meta)
     facts = dict(meta, file=str(out), sha256=sha256(out))
     if check:
         result = compare_with_torch(out, model, check_inputs(
-            predictor.norm, predictor.output_stride, check_images), predictor.interp)
+            predictor.norm, predictor.output_stride, check_images, fixed_size=fixed_size),
+            predictor.interp)
         facts["check"] = result
         if result["max_rel_diff"] > TOLERANCE or result["label_agreement"] < 1.0:
             raise ExportError(f"{out} does not reproduce PyTorch: max relative difference "

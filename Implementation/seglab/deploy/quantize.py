@@ -40,8 +40,9 @@ from seglab.data.images import DataError, load_image
 from seglab.data.registry import dataset_class
 from seglab.data.transforms import VOC_SCALES, TrainTransform
 from seglab.data.voc import voc_dir
-from seglab.deploy.onnx_export import export_onnx, torch_predictor
-from seglab.deploy.onnx_file import INPUT, read_metadata, write_onnx
+from seglab.deploy.onnx_export import (check_inputs, compare_with_torch, export_onnx,
+                                       torch_predictor)
+from seglab.deploy.onnx_file import INPUT, OUTPUT, open_session, read_metadata, write_onnx
 from seglab.inference.batch import find_images
 
 METHODS = ("minmax",)
@@ -53,7 +54,10 @@ DEFAULT_CROPS, DEFAULT_CROP = 300, 321
 # ---------------------------------------------------------------------------------------------
 
 def calibration_sources(root, split: str = "train_aug") -> list[Path]:
-    """Image files to calibrate on: `split` of a VOC-layout root, else every image below `root`."""
+    """Image files to calibrate on: `split` of a VOC-layout root, else every image below `root`
+    (a folder), or `root` itself when it is a list of image files."""
+    if isinstance(root, (list, tuple)):
+        return [Path(p) for p in root]
     root = Path(root)
     if voc_dir(root).is_dir():
         ds = dataset_class("voc")(root, split, None, check_labels=False)
@@ -133,18 +137,33 @@ def quantize_onnx(fp32_path, out, crops, method: str = "minmax", per_channel: bo
 
 
 def quantize_checkpoint(source, out, calibration, count: int = DEFAULT_CROPS,
-                        crop: int = DEFAULT_CROP, method: str = "minmax", msc: bool = False,
-                        msc_scales=None, split: str = "train_aug", seed: int = 0,
-                        fp32_out=None) -> dict:
+                        crop: int = DEFAULT_CROP, msc: bool = False, msc_scales=None,
+                        split: str = "train_aug", seed: int = 0, fp32_out=None, fixed_size=None,
+                        norm=None, check_images=None, msc_fusion: str = "max") -> dict:
     """Checkpoint (or model) -> checked fp32 ONNX (`fp32_out`, else a temp file) -> int8 QDQ
-    `out`, calibrated on `count` crops of the training images under `calibration`."""
+    `out`, calibrated on `count` crops of the training images under `calibration` (crops of
+    `fixed_size` for a fixed-size file). Returns the int8 file's metadata with "fp32_check"
+    (fp32 ONNX vs PyTorch) and "int8_check" (int8 vs fp32 ONNX on the same check inputs)."""
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(fp32_out or Path(tmp) / "fp32.onnx")
-        facts = export_onnx(source, fp32, msc=msc, msc_scales=msc_scales)
+        facts = export_onnx(source, fp32, msc=msc, msc_scales=msc_scales, norm=norm,
+                            fixed_size=fixed_size, check_images=check_images,
+                            msc_fusion=msc_fusion)
+        if fixed_size:  # the file takes one size: calibrate at it
+            if fixed_size[0] != fixed_size[1]:
+                raise ValueError(f"int8 calibration of a fixed-size file needs a square size "
+                                 f"(crops are square), got {tuple(fixed_size)}")
+            crop = int(fixed_size[0])
         crops = calibration_crops(calibration, count, crop, facts["norm"], split, seed)
-        meta = quantize_onnx(fp32, out, crops, method, calibration=str(calibration),
-                             split=split, crop=crop, seed=seed)
-    return dict(meta, fp32_check=facts["check"])
+        meta = quantize_onnx(fp32, out, crops, calibration=str(calibration), split=split,
+                             crop=crop, seed=seed)
+        fp32_session = open_session(fp32)
+        inputs = check_inputs(facts["norm"], facts["output_stride"], check_images,
+                              fixed_size=facts.get("fixed_size"))
+        int8_check = compare_with_torch(
+            out, lambda x: torch.from_numpy(fp32_session.run([OUTPUT], {INPUT: x.numpy()})[0]),
+            inputs, facts["interp"])
+    return dict(meta, fp32_check=facts["check"], int8_check=int8_check)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,16 +38,17 @@ from seglab.data.loaders import eval_loader
 from seglab.data.registry import eval_dataset
 from seglab.data.transforms import EvalTransform
 from seglab.densecrf.params import CRFParams, crf_params_from_config
-from seglab.densecrf.runner import CRFJob, run_crf
+from seglab.densecrf.runner import CRFJob, CRFStream
 from seglab.evaluation.logit_cache import LogitCacheError, cache_path, load_logits, save_logits
 from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator, format_table
 from seglab.inference.predictor import Predictor
+from seglab.deploy import load_predictor  # .onnx files (export.py) run through OnnxPredictor
 from seglab.models.resize import full_resolution_logits
 from seglab.weights.provenance import warn_if_trained_on
 
 CACHE_INFO = "cache.json"
 CACHE_KEYS = ("identity", "msc_scales", "interp", "norm", "precision", "mode", "pad_to",
-              "num_classes")
+              "num_classes", "flip", "msc_fusion")
 
 
 class EvaluationError(RuntimeError):
@@ -67,6 +68,10 @@ class EvalSettings:
     precision: str = "fp32"
     device: str = "auto"
     norm: str | None = None              # None: the checkpoint's input normalisation
+    msc_scales: tuple | None = None      # None: the checkpoint's training config (else the paper's)
+    interp: str | None = None            # None: likewise
+    flip: bool = False                   # also the mirrored image, max-fused
+    msc_fusion: str = "max"              # max (the paper) | mean (of the class probabilities)
     trimap_widths: tuple | None = None
     limit: int | None = None
     loader_workers: int = 0
@@ -91,7 +96,8 @@ class EvalSettings:
                        trimap_widths=tuple(e["trimap"]) or None, limit=e["limit"] or None,
                        loader_workers=e["loader_workers"],
                        save_predictions=e["save_predictions"], recompute=e["recompute"],
-                       crf=e["crf"], crf_params=crf_params_from_config(c),
+                       flip=e["flip"], msc_fusion=e["msc_fusion"], crf=e["crf"],
+                       crf_params=crf_params_from_config(c),
                        crf_backend=c["backend"], crf_workers=c["workers"])
         return dataclasses.replace(settings, **overrides)
 
@@ -181,8 +187,10 @@ def cached_indices(dataset, indices, cache_dir: Path) -> set:
 # The three passes: network, scores, CRF
 # ---------------------------------------------------------------------------------------------
 
-def network_pass(predictor, dataset, missing, cache_dir, s: EvalSettings, progress) -> float:
-    """Run the network on the images in `missing` and cache their logits; returns seconds."""
+def network_pass(predictor, dataset, missing, cache_dir, s: EvalSettings, progress,
+                 on_cached=None) -> float:
+    """Run the network on the images in `missing` and cache their logits, calling
+    `on_cached(image_id)` after each; returns seconds."""
     started = time.perf_counter()
     if missing:
         loader = eval_loader(Subset(dataset, missing), num_workers=s.loader_workers)
@@ -195,6 +203,8 @@ def network_pass(predictor, dataset, missing, cache_dir, s: EvalSettings, progre
                                       "scores were written")
             save_logits(cache_path(cache_dir, sample["id"]), logits,
                         tuple(sample["image"].shape[-2:]), tuple(int(v) for v in sample["size"]))
+            if on_cached is not None:
+                on_cached(sample["id"])
     return time.perf_counter() - started
 
 
@@ -216,22 +226,31 @@ def score_pass(dataset, indices, cache_dir, out_dir, interp, s: EvalSettings, pr
     return confusion, trimap
 
 
-def crf_pass(dataset, indices, cache_dir, out_dir, predictor, s: EvalSettings, progress):
-    """(confusion matrix, trimap evaluator or None) after the dense CRF, in worker processes."""
-    jobs = [CRFJob(dataset.ids[i], str(dataset.image_path(i)),
-                   str(cache_path(cache_dir, dataset.ids[i])),
-                   str(out_dir / "pred_crf" / f"{dataset.ids[i]}.png") if s.save_predictions
-                   else None, str(dataset.label_path(i)))
-            for i in indices]
-    crf_device = str(predictor.device) if s.crf_backend == "torch" else "cpu"
-    results, failures = run_crf(jobs, s.crf_params, workers=s.crf_workers or None,
-                                backend=s.crf_backend, device=crf_device, interp=predictor.interp,
-                                trimap_widths=s.trimap_widths, progress=progress,
-                                desc=f"CRF ({s.split})")
+def crf_stream(dataset, out_dir, cache_dir, predictor, s: EvalSettings, progress):
+    """(a CRFStream for this evaluation, submit(image_id)): the CRF of each image starts as soon
+    as its logits are cached, while the network works on the next images."""
+    index = {image_id: i for i, image_id in enumerate(dataset.ids)}
+    stream = CRFStream(s.crf_params, s.crf_workers or None, s.crf_backend,
+                       str(predictor.device) if s.crf_backend == "torch" else "cpu",
+                       predictor.interp, s.trimap_widths, progress, desc=f"CRF ({s.split})")
+
+    def submit(image_id: str) -> None:
+        i = index[image_id]
+        stream.submit(CRFJob(image_id, str(dataset.image_path(i)),
+                             str(cache_path(cache_dir, image_id)),
+                             str(out_dir / "pred_crf" / f"{image_id}.png")
+                             if s.save_predictions else None, str(dataset.label_path(i))))
+    return stream, submit
+
+
+def crf_scores_of(stream, s: EvalSettings):
+    """(confusion matrix, trimap evaluator or None) once every CRF job is done."""
+    results, failures = stream.finish()
     if failures:
         lines = "\n".join(f"  {f.image_id}: {f.error}" for f in failures)
-        raise EvaluationError(f"the CRF failed on {len(failures)} of {len(jobs)} images, so "
-                              f"no CRF scores were written:\n{lines}")
+        raise EvaluationError(f"the CRF failed on {len(failures)} of "
+                              f"{len(results) + len(failures)} images, so no CRF scores were "
+                              f"written:\n{lines}")
     confusion = ConfusionMatrix(s.num_classes)
     trimap = TrimapEvaluator(s.trimap_widths, s.num_classes) if s.trimap_widths else None
     for r in results:
@@ -268,8 +287,9 @@ def evaluate(checkpoint_or_model, settings: EvalSettings | None = None, out_dir=
         out_dir = default_out_dir(checkpoint_or_model, s.split)
     out_dir, cache_dir = Path(out_dir), Path(out_dir) / "logits"
     predictor = (checkpoint_or_model if isinstance(checkpoint_or_model, Predictor) else
-                 Predictor(checkpoint_or_model, device=s.device, precision=s.precision,
-                           norm=s.norm))
+                 load_predictor(checkpoint_or_model, device=s.device, precision=s.precision,
+                           norm=s.norm, msc_scales=s.msc_scales, interp=s.interp, flip=s.flip,
+                           msc_fusion=s.msc_fusion))
     if predictor.num_classes != s.num_classes:
         raise EvaluationError(f"the model predicts {predictor.num_classes} classes but the data "
                               f"set has {s.num_classes}: score it with "
@@ -294,8 +314,19 @@ def evaluate(checkpoint_or_model, settings: EvalSettings | None = None, out_dir=
                                              device=str(predictor.device),
                                              norm=predictor.norm, predictor=predictor.settings()))
 
-    missing = [i for i in indices if i not in cached_indices(dataset, indices, cache_dir)]
-    seconds = network_pass(predictor, dataset, missing, cache_dir, s, show_progress)
+    cached = cached_indices(dataset, indices, cache_dir)
+    missing = [i for i in indices if i not in cached]
+    stream, submit = (crf_stream(dataset, out_dir, cache_dir, predictor, s, show_progress)
+                      if s.crf else (None, None))
+    try:
+        for i in indices:
+            if i in cached and submit is not None:
+                submit(dataset.ids[i])
+        seconds = network_pass(predictor, dataset, missing, cache_dir, s, show_progress, submit)
+    except BaseException:
+        if stream is not None:
+            stream.abort()
+        raise
     names = dataset.class_names if hasattr(dataset, "class_names") else class_names(s.num_classes)
     facts = dict(split=s.split, num_images=len(indices), checkpoint=source,
                  identity=predictor.identity, mode=s.mode, pad_to=s.pad_to,
@@ -309,8 +340,7 @@ def evaluate(checkpoint_or_model, settings: EvalSettings | None = None, out_dir=
     report = [f"{s.split} ({len(indices)} images, {s.mode} protocol, {predictor.precision})",
               format_table(scores, names), f"mIoU (no CRF): {100 * scores['miou']:.2f}%"]
     if s.crf:
-        crf_scores = scores_of(*crf_pass(dataset, indices, cache_dir, out_dir, predictor, s,
-                                         show_progress),
+        crf_scores = scores_of(*crf_scores_of(stream, s),
                                dict(facts, crf_params=s.crf_params.to_dict(),
                                     crf_backend=s.crf_backend))
         write_json(out_dir / "scores_crf.json", crf_scores)

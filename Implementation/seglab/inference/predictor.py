@@ -78,6 +78,18 @@ def _config_value(ckpt: dict, section: str, key: str):
     return (cfg.get(section) or {}).get(key, DEFAULTS[section][key])
 
 
+class FlipMax(nn.Module):
+    """The model on the image and on its left-right mirror (mirrored back), fused by the same
+    element-wise max as MSC: `eval.flip`, a test-time augmentation the paper does not use."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.max(self.model(x), self.model(x.flip(-1)).flip(-1))
+
+
 class Predictor:
     """An MSC DeepLab v2 ready for inference.
 
@@ -98,7 +110,8 @@ class Predictor:
 
     def __init__(self, model_or_checkpoint, device="auto", precision: str = "fp32",
                  fold_bn: bool = True, channels_last: bool = True, shifted_aspp: bool = True,
-                 msc_scales=None, interp=None, norm=None):
+                 msc_scales=None, interp=None, norm=None, flip: bool = False,
+                 msc_fusion: str = "max"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = device if isinstance(device, torch.device) else select_device(device)
@@ -123,7 +136,11 @@ class Predictor:
         spec = architecture(net.arch)
         if spec.prepare_inference is not None:
             net = spec.prepare_inference(net, fold_bn=fold_bn, shifted_aspp=shifted_aspp)
-        model = MSC(net, self.msc_scales, interp) if self.msc_scales else net
+        self.msc_fusion = msc_fusion
+        model = MSC(net, self.msc_scales, interp, msc_fusion) if self.msc_scales else net
+        self.flip = bool(flip)
+        if self.flip:
+            model = FlipMax(model)
         model = model.eval().requires_grad_(False).to(self.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -160,7 +177,8 @@ class Predictor:
         """Everything that shapes the logits, e.g. for a logit cache's identity."""
         return dict(identity=self.identity, msc_scales=list(self.msc_scales), interp=self.interp,
                     norm=self.norm, precision=self.precision, fold_bn=self.fold_bn,
-                    channels_last=self.channels_last, shifted_aspp=self.shifted_aspp)
+                    channels_last=self.channels_last, shifted_aspp=self.shifted_aspp,
+                    flip=self.flip, msc_fusion=self.msc_fusion)
 
     def _autocast(self):
         if self.precision == "bf16":

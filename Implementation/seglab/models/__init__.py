@@ -13,6 +13,7 @@ import torch.nn as nn
 from seglab.models import deeplabv2
 from seglab.models import deeplabv3_mnv2_tf
 from seglab.models import torchvision_seg as tv, vainf
+from seglab.models import duc_hdc, fcn, gcn, pspnet, segnet, unet
 from seglab.models.msc import MSC
 from seglab.models.spec import Architecture
 
@@ -34,6 +35,20 @@ ARCHITECTURES: dict[str, Architecture] = {
         vainf.ARCHITECTURES["deeplabv3plus_mobilenet_vainf"],
         vainf.ARCHITECTURES["deeplabv3plus_resnet50_vainf"],
         vainf.ARCHITECTURES["deeplabv3plus_resnet101_vainf"],
+        fcn.FCN32S_VGG16,
+        fcn.FCN16S_VGG16,
+        fcn.FCN8S_VGG16,
+        fcn.FCN32S_RESNET152,
+        fcn.FCN16S_RESNET152,
+        fcn.FCN8S_RESNET152,
+        fcn.FCN32S_DENSENET201,
+        fcn.FCN16S_DENSENET201,
+        fcn.FCN8S_DENSENET201,
+        unet.ARCHITECTURE,
+        segnet.ARCHITECTURE,
+        pspnet.ARCHITECTURE,
+        gcn.ARCHITECTURE,
+        duc_hdc.ARCHITECTURE,
     )
 }
 

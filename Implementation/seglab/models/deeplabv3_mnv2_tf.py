@@ -8,24 +8,24 @@ Reading order:
                     even sizes (and symmetric on the 2^k + 1 sizes DeepLab feeds)
   TFConv2d          a convolution with SAME padding, a bias (BatchNorm is folded into it in the
                     released graphs, which contain none) and TF Lite's fused activation
-  InvertedResidual  MobileNetV2 (Sandler et al., CVPR 2018) Sec. 3.3 and Table 1: 1x1 expansion
-                    (factor t) + ReLU6, 3x3 depthwise + ReLU6, 1x1 *linear* projection (Sec. 3.2:
-                    linear bottlenecks), residual when stride 1 and in == out channels (Fig. 4)
-  MobileNetV2       Table 2 without the final 1x1 conv to 1280 and the classifier (TF DeepLab
-                    stops at `layer_18`); the width multiplier of Sec. 5.1 as TF DeepLab applies
-                    it: channels = _make_divisible(c x multiplier, 8) at multiplier 1.0, and with
-                    divisor 1 (plain rounding) otherwise (`feature_extractor._mobilenet_v2`:
-                    min_depth = divisible_by = 8 if depth_multiplier == 1.0 else 1); the stem is
-                    scaled too (16 channels at 0.5); the expanded width is always rounded to a
-                    multiple of 8 (slim's `expand_input_by_factor(6)`). Atrous conversion as slim's mobilenet does it
-                    (DeepLab v3, Chen et al. 2017, Sec. 3.1): once the stride reached
-                    `output_stride`, a stride-2 block runs at stride 1 with the current rate and
-                    every later block at rate x 2
-  ASPPLite          DeepLab v3 Sec. 3.3 reduced to two branches (the mobile configuration of
-                    TF DeepLab: no atrous 3x3 branches): a 1x1 conv to 256 + ReLU and
-                    image-level features (global average pool, 1x1 to 256 + ReLU, bilinear resize
-                    back with align_corners=True), concatenated [image pool, 1x1] (512), a 1x1
-                    projection to 256 + ReLU
+  InvertedResidual  MobileNetV2 (Sandler et al., CVPR 2018) Sec. 3.2-3.3 and Table 1: 1x1
+                    expansion (factor t) + ReLU6, 3x3 depthwise + ReLU6, 1x1 *linear* projection
+                    (linear bottlenecks), residual when stride 1 and in == out channels
+  MobileNetV2       Table 2 (Sec. 4) without the final 1x1 conv to 1280 and the classifier (TF
+                    DeepLab stops at `layer_18`). The width multiplier (Sec. 4, trade-off hyper
+                    parameters) as TF DeepLab applies it: channels = _make_divisible(c x
+                    multiplier, 8) at 1.0 and plain rounding (divisor 1) otherwise
+                    (`feature_extractor._mobilenet_v2`: min_depth = divisible_by = 8 if
+                    depth_multiplier == 1.0 else 1), the stem included (16 channels at 0.5); the
+                    expanded width is always a multiple of 8 (slim's expand_input_by_factor(6)).
+                    Atrous conversion (DeepLab v3, Chen et al. 2017, Sec. 3.1-3.2) as slim's
+                    mobilenet does it: once the stride reached `output_stride`, a stride-2 block
+                    runs at stride 1 with the current rate, and every later block at rate x 2
+  ASPPLite          the mobile DeepLab v3 head (MobileNetV2 Sec. 6.3; DeepLab v3 Sec. 3.3 without
+                    its atrous 3x3 branches): a 1x1 conv to 256 + ReLU and image-level features
+                    (global average pool, 1x1 to 256 + ReLU, bilinear resize back with
+                    align_corners=True), concatenated [image pool, 1x1] (512), a 1x1 projection
+                    to 256 + ReLU
   DeepLabV3MobileNetV2  backbone + ASPP-lite + 1x1 classifier, logits at the output stride
   ARCHITECTURE      what the pipeline needs to know (seglab/models/spec.py): input "tf" ([-1, 1])
 

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from seglab.models.resize import resize, scaled_size
 
 
+FUSIONS = ("max", "mean")
+
+
 def scale_input(x: torch.Tensor, scale: float, interp: str = "caffe") -> torch.Tensor:
     """The input of one MSC branch. "caffe": Caffe's Interp to the size it computes (321 -> 241,
     161), align_corners=True. "pytorch": as the published port does under current PyTorch,
@@ -28,13 +31,22 @@ class MSC(nn.Module):
     train(): returns [logits_1x, logits_s1, logits_s2, ..., fused_max], each branch at its native
     size (41, 31, 21 for a 321 input), so the loss can choose its targets. eval(): the fused max.
     interp="caffe" reproduces Caffe's Interp layer; "pytorch" is the published port's
-    F.interpolate(align_corners=False)."""
+    F.interpolate(align_corners=False).
 
-    def __init__(self, net: nn.Module, scales: Sequence[float] = (0.75, 0.5), interp: str = "caffe"):
+    fusion="max" is the paper's (the network learns it: DeepLab v2 trains through the max).
+    fusion="mean" averages the branches' class probabilities and returns their log (a valid
+    logit for softmax, argmax and the CRF's unary): TensorFlow DeepLab's multi-scale test, the
+    fusion for a network trained at one scale, whose logits at different scales are not on
+    one footing (a max of raw logits then lets the most confident scale win everywhere)."""
+
+    def __init__(self, net: nn.Module, scales: Sequence[float] = (0.75, 0.5), interp: str = "caffe",
+                 fusion: str = "max"):
         super().__init__()
         if interp not in ("caffe", "pytorch"):
             raise ValueError(f"interp must be 'caffe' or 'pytorch', got {interp!r}")
-        self.net, self.scales, self.interp = net, tuple(scales), interp
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.net, self.scales, self.interp, self.fusion = net, tuple(scales), interp, fusion
 
     def branch_logits(self, x) -> list:
         """Logits of each branch at its native size: 1x first, then each of `scales`."""
@@ -51,7 +63,11 @@ class MSC(nn.Module):
     def forward(self, x):
         logits = self.branch_logits(x)
         upsampled = self.upsampled(logits)
-        fused = upsampled[0]
-        for branch in upsampled[1:]:
-            fused = torch.max(fused, branch)
+        if self.fusion == "mean":
+            probs = torch.stack([b.float().softmax(1) for b in upsampled]).mean(0)
+            fused = probs.clamp_min(1e-12).log().to(upsampled[0].dtype)
+        else:
+            fused = upsampled[0]
+            for branch in upsampled[1:]:
+                fused = torch.max(fused, branch)
         return logits + [fused] if self.training else fused

@@ -83,6 +83,7 @@ def torchvision_model(tv_name: str, num_classes: int) -> nn.Module:
 
 
 def _build_aux(tv_name: str, num_classes: int = 21, aux_lr_mult: float = 10.0):
+    """(aux_lr_mult shapes no layer: param_groups reads it from net.arch.)"""
     return TorchvisionSegmentation(torchvision_model(tv_name, num_classes))
 
 

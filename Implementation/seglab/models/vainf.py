@@ -232,6 +232,7 @@ def make_backbone(name: str, output_stride: int, plus: bool):
 def build(form: str, backbone: str, num_classes: int = 21, output_stride: int = 16,
           separable: bool = False, backbone_lr_mult: float = 0.1,
           bn_momentum: float = 0.01) -> VainFDeepLab:
+    """One VainF form; backbone_lr_mult shapes no layer (param_groups reads it from net.arch)."""
     if output_stride not in RATES:
         raise ValueError(f"{form}_{backbone}_vainf: output_stride must be 8 or 16 (VainF's "
                          f"choices), got {output_stride!r}")

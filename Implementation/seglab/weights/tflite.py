@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from seglab.models import build_model
-from seglab.models.deeplabv3_mnv2_tf import STEM_CHANNELS
+from seglab.models.deeplabv3_mnv2_tf import STEM_CHANNELS, scaled_channels
 from seglab.weights.common import ConversionError, merge_into
 
 try:
@@ -66,6 +66,7 @@ RELEASES = {
          "unknown: 21 PASCAL VOC classes, but the training data of this GPU-delegate demo model "
          "is not documented"),
 }
+MULTIPLIERS = (1.0, 0.5, 0.75, 0.35, 1.3, 1.4)   # MobileNetV2's published depth multipliers
 ACTIVATION = {0: None, 1: "relu", 3: "relu6"}   # TF Lite ActivationFunctionType -> ours
 DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8}
 
@@ -192,14 +193,16 @@ def read_tflite(path) -> Graph:
 
 
 def infer_arch(graph: Graph, num_classes: int | None = None) -> dict:
-    """Our arch dict from the graph: depth multiplier from the stem's width (checked against
-    every conv below by the mapping), output stride = 2 ^ (stride-2 convs), classes from the
-    last conv."""
+    """Our arch dict from the graph: the depth multiplier from the stem's width (the published
+    multiplier that gives it, else width / 32; the mapping then checks every conv), the output
+    stride = 2 ^ (stride-2 convs), the classes from the last conv."""
     convs = [op for op in graph.ops if op.type in ("CONV_2D", "DEPTHWISE_CONV_2D")]
     if not convs or graph.tensors[convs[0].inputs[1]].shape[1:] != (3, 3, 3):
         raise ConversionError("the graph does not start with a 3x3 convolution of an RGB image: "
                               "not a DeepLab v3 MobileNetV2")
-    depth = graph.tensors[convs[0].inputs[1]].shape[0] / STEM_CHANNELS
+    stem = graph.tensors[convs[0].inputs[1]].shape[0]
+    depth = next((m for m in MULTIPLIERS if scaled_channels(STEM_CHANNELS, m) == stem),
+                 stem / STEM_CHANNELS)
     output_stride = 2 ** sum(op.options.get("stride") == (2, 2) for op in convs)
     classes = graph.tensors[convs[-1].inputs[1]].shape[0]
     if num_classes is not None and num_classes != classes:
@@ -224,7 +227,8 @@ def conv_plan(net) -> tuple[dict, dict, str]:
             add(f"{p}.expand", block.expand, source, f"{p}.expand")
             source = f"{p}.expand"
         add(f"{p}.depthwise", block.depthwise, source, f"{p}.depthwise")
-        add(f"{p}.project", block.project, f"{p}.depthwise", f"{p}.project" if block.residual else p)
+        add(f"{p}.project", block.project, f"{p}.depthwise",
+            f"{p}.project" if block.residual else p)
         if block.residual:
             adds[frozenset((f"{p}.project", role))] = p
         role = p

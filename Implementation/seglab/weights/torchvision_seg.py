@@ -1,0 +1,202 @@
+"""torchvision's segmentation weight files -> our checkpoint of the matching `_tv` architecture.
+
+    python Implementation/convert.py torchvision-seg deeplabv3_resnet101_coco-586e9e4e.pth OUT.pth
+    python Implementation/convert.py torchvision-seg FILE OUT.pth --num-classes 19
+    python Implementation/convert.py torchvision-seg deeplabv3_resnet101_tv=resnet101-63fe2227.pth OUT
+
+Our `_tv` networks hold torchvision's own modules under torchvision's own keys
+(seglab/models/torchvision_seg.py), so a file maps one to one; which network it is comes from
+its keys (`identify`). The files (torchvision's Weights enums; COCO train2017 images of the 20
+VOC classes, so trained_on = coco):
+  deeplabv3_resnet50    https://download.pytorch.org/models/deeplabv3_resnet50_coco-cd0a2569.pth
+  deeplabv3_resnet101   https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth
+  deeplabv3_mobilenet_v3_large
+                 https://download.pytorch.org/models/deeplabv3_mobilenet_v3_large-fc3c493d.pth
+  fcn_resnet50          https://download.pytorch.org/models/fcn_resnet50_coco-1167a1af.pth
+  fcn_resnet101         https://download.pytorch.org/models/fcn_resnet101_coco-7ecb50ca.pth
+  lraspp_mobilenet_v3_large
+                 https://download.pytorch.org/models/lraspp_mobilenet_v3_large-d234d4ea.pth
+A checkpoint of torchvision's reference training script ({"model": ..., "args": ...}) works too.
+
+Another number of classes (`--num-classes N`): every tensor loads except those whose shape
+depends on the class count (found by building the network for two class counts and comparing
+shapes: the last 1x1 conv of the classifier and of the aux head); those are re-initialised
+(torchvision's init, seeded by --seed) and listed by name.
+
+`NAME=FILE`: an ImageNet classification file (torchvision's ResNet-50/101 or
+MobileNetV3-Large) as the backbone of architecture NAME, the heads at their init: where
+torchvision's reference recipe starts (weights_backbone).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy._core.multiarray import scalar as numpy_scalar
+
+from seglab.checkpoint import FORMATS_READ
+from seglab.models import ARCHITECTURES, build_model, normalize_arch
+from seglab.weights.common import ConversionError, add_num_batches_tracked, merge_into
+
+# Plain data that training scripts put next to the weights: numpy scalars (VainF's best_score,
+# pickled by numpy 1 or 2), argparse.Namespace (torchvision's reference `args`).
+SAFE_GLOBALS = [(numpy_scalar, "numpy.core.multiarray.scalar"), numpy_scalar, np.dtype,
+                np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType,
+                argparse.Namespace]
+WRAPPERS = ("model_state", "model", "state_dict")
+HELP = ("a torchvision segmentation weight file (deeplabv3_*, fcn_*, lraspp_*; the architecture "
+        "is read from its keys), or NAME=FILE: an ImageNet ResNet/MobileNetV3 file as the "
+        "backbone of NAME")
+DOWNLOAD = " or ".join(f"https://download.pytorch.org/models/{f}" for f in (
+    "deeplabv3_resnet50_coco-cd0a2569.pth", "deeplabv3_resnet101_coco-586e9e4e.pth",
+    "deeplabv3_mobilenet_v3_large-fc3c493d.pth", "fcn_resnet50_coco-1167a1af.pth",
+    "fcn_resnet101_coco-7ecb50ca.pth", "lraspp_mobilenet_v3_large-d234d4ea.pth"))
+
+
+def load_state(path) -> dict:
+    """The state_dict in a foreign weights file (torch.load with weights_only=True; the wrappers
+    `model_state` (VainF), `model` (torchvision's reference), `state_dict` unwrapped; a
+    DataParallel `module.` prefix removed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file (`convert.py --help` lists download URLs)")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickled code, not a torch file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConversionError(f"cannot read {path} as a PyTorch weights file "
+                              f"(torch.load(weights_only=True)): {first}") from None
+    if isinstance(obj, dict) and obj.get("format") in FORMATS_READ:
+        raise ConversionError(f"{path} is already one of our checkpoints: use it as it is")
+    for wrapper in WRAPPERS:
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj or \
+            not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionError(f"{path} does not hold a state_dict (a dict of tensors)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def resnet_depth(keys, prefix: str) -> int:
+    """50 or 101, from the number of blocks in layer3 (6 or 23)."""
+    blocks = {int(m.group(1)) for k in keys for m in [re.match(rf"{prefix}layer3\.(\d+)\.", k)]
+              if m}
+    return {6: 50, 23: 101}.get(len(blocks), 0)
+
+
+def identify(state_dict: dict) -> str | None:
+    """Which `_tv` architecture a torchvision segmentation state_dict is, or None."""
+    keys = set(state_dict)
+    if "classifier.cbr.0.weight" in keys:
+        return "lraspp_mobilenet_v3_large_tv"
+    deeplab = "classifier.0.convs.0.0.weight" in keys
+    if "backbone.0.0.weight" in keys and deeplab:
+        return "deeplabv3_mobilenet_v3_large_tv"
+    depth = resnet_depth(keys, "backbone.")
+    if "backbone.layer1.0.conv1.weight" in keys and depth:
+        if deeplab:
+            return f"deeplabv3_resnet{depth}_tv"
+        if "classifier.0.weight" in keys and "classifier.4.weight" in keys:
+            return f"fcn_resnet{depth}_tv"
+    return None
+
+
+def class_tensors(name: str) -> set[str]:
+    """The keys of architecture `name` whose shape depends on the number of classes."""
+    with torch.device("meta"):
+        a = build_model({"name": name, "num_classes": 3}).state_dict()
+        b = build_model({"name": name, "num_classes": 4}).state_dict()
+    return {k for k in a if a[k].shape != b[k].shape}
+
+
+def load_with_classes(arch: dict, mapped: dict, seed: int, optional=()) -> dict:
+    """Our network of `arch` with `mapped` loaded. Tensors for another class count are not
+    loaded (re-initialised, seeded); model tensors the file lacks may only be those under the
+    `optional` prefixes. Returns the converter's dict (state_dict, filled, dropped, missing)."""
+    classes = class_tensors(arch["name"])
+    n = arch["num_classes"]
+    dropped = []
+    for key in sorted(classes & set(mapped)):
+        if mapped[key].shape[0] != n:
+            dropped.append(f"{key} {tuple(mapped[key].shape)} (the file has "
+                           f"{mapped[key].shape[0]} classes, {n} requested: re-initialised)")
+            del mapped[key]
+    filled = len(mapped)
+    torch.manual_seed(seed)
+    add_num_batches_tracked(mapped)
+    state, unfilled = merge_into(build_model(arch), mapped, required_prefix="backbone.")
+    missing = [k for k in unfilled if not k.endswith("num_batches_tracked")]
+    required = [k for k in missing if k not in classes and not k.startswith(tuple(optional))]
+    if required:
+        raise ConversionError(f"{len(required)} tensors of {arch['name']} are missing from the "
+                              f"file: {required[:5]}")
+    return dict(state_dict=state, filled=filled, dropped=dropped, missing=missing)
+
+
+def file_classes(mapped: dict, name: str) -> int:
+    """The class count of a file: the first dimension of its class-dependent tensors."""
+    shapes = {mapped[k].shape[0] for k in class_tensors(name) if k in mapped}
+    if len(shapes) != 1:
+        raise ConversionError(f"cannot tell the number of classes of the file ({name}): class "
+                              f"tensors with first dimensions {sorted(shapes)}")
+    return shapes.pop()
+
+
+def imagenet_backbone(state_dict: dict, name: str) -> tuple[dict, list]:
+    """An ImageNet classification state_dict (torchvision ResNet / MobileNetV3-Large) as the
+    `backbone.*` tensors of architecture `name`: (mapped, dropped keys: the classifier)."""
+    if "resnet" in name:
+        depth = resnet_depth(state_dict, "")
+        if f"resnet{depth}_" not in name:
+            raise ConversionError(f"the file is not the ImageNet ResNet of {name} (its layer3 "
+                                  f"has the blocks of ResNet-{depth or '?'})")
+        rename = {k: f"backbone.{k}" for k in state_dict if not k.startswith("fc.")}
+    else:
+        if not any(k.startswith("features.16.") for k in state_dict):
+            raise ConversionError("the file is not torchvision's ImageNet MobileNetV3-Large "
+                                  "(no features.16)")
+        rename = {k: f"backbone.{k[len('features.'):]}" for k in state_dict
+                  if k.startswith("features.")}
+    dropped = [f"{k} (ImageNet classifier)" for k in state_dict if k not in rename]
+    return {new: state_dict[k] for k, new in rename.items()}, dropped
+
+
+def split_input(text: str, suffix: str):
+    """'NAME=FILE' -> (NAME, FILE) for a known NAME ending in `suffix`; 'FILE' -> (None, FILE)."""
+    name, sep, path = str(text).partition("=")
+    if not sep or Path(text).is_file():
+        return None, text
+    if name not in ARCHITECTURES or not name.endswith(suffix):
+        known = ", ".join(n for n in ARCHITECTURES if n.endswith(suffix))
+        raise ConversionError(f"{name!r} is not one of {known} (NAME=FILE puts ImageNet "
+                              "weights in the backbone of NAME)")
+    return name, path
+
+
+def convert(args) -> dict:
+    name, path = split_input(args.input, "_tv")
+    sd = load_state(path)
+    if name is not None:  # an ImageNet backbone
+        mapped, dropped = imagenet_backbone(sd, name)
+        arch = dict(name=name, num_classes=args.num_classes or 21)
+        result = load_with_classes(arch, mapped, args.seed, optional=("classifier.",
+                                                                      "aux_classifier."))
+        result["dropped"] = dropped
+        args.trained_on = args.trained_on or "imagenet"
+    else:
+        name = identify(sd)
+        if name is None:
+            raise ConversionError(f"{path} is not a torchvision segmentation state_dict "
+                                  "(deeplabv3_*, fcn_*, lraspp_*); ImageNet backbones go as "
+                                  "NAME=FILE, VainF's checkpoints through `convert.py vainf`")
+        arch = dict(name=name, num_classes=args.num_classes or file_classes(sd, name))
+        result = load_with_classes(arch, dict(sd), args.seed, optional=("aux_classifier.",))
+        args.trained_on = args.trained_on or "coco"
+    return dict(arch=normalize_arch(arch), skipped=[], **result)

@@ -1,0 +1,405 @@
+"""Deployment: accuracy per precision and speed per runtime (fp32 / bf16 / fp16 / int8), with the
+TF Lite interpreter on the same real model.
+
+    python bench/bench_deploy.py [--quick] [--reps 7] [--threads N] [--calib-crops 200]
+                                 [--no-pt2e] [--no-r101] [--out bench/results/deploy.json]
+
+Models
+  real   Google's DeepLab v3 MobileNetV2 (depth 1.0, output stride 16) from
+         ../shared/real/models/deeplabv3_mnv2_pascal_quant.tflite through `convert.py tflite`,
+         single scale; exported with --fixed-size 513 513 (its TF SAME padding; the TF Lite
+         file takes 513 x 513 too)
+  r101   DeepLab v2 ResNet-101 (random weights: speed only), single scale, 513 x 513
+  demo   the demo model runs/demo/checkpoints/final.pth (`train.py --config demo`), with its
+         MSC, on the demo val split (data/demo)
+
+Rows
+  fp32 / bf16     PyTorch's Predictor (seglab/inference/predictor.py), precision fp32 / bf16
+  fp16            the same network with fp16 weights and activations, on the CPU: accuracy only
+                  (there is no GPU here; CPU fp16 convolutions are not a fast path)
+  onnx fp32       the exported file in onnxruntime (export.py onnx)
+  int8 ort        onnxruntime static QDQ int8 (export.py int8), per-channel weights
+  int8 pt2e       torchao PT2E with the X86 Inductor quantizer, torch.compile'd
+  tflite uint8    Google's own quantised file in the TF Lite interpreter (ai_edge_litert): the
+                  image padded to 513 with 128 (= 0 after its (x - 128) / 128), its own resize to
+                  513 and argmax
+Accuracy: the VOC protocol for every row (pad to 513 with the mean colour, logits upsampled with
+align_corners=True, argmax, cropped), mIoU from one confusion matrix over the split; "agree" is
+the share of pixels whose label equals the fp32 row's, "delta" the mIoU change from fp32.
+int8 calibration: there are no VOC training images here, so the real model is calibrated in two
+folds of voc_dev: the file that scores images 1-10 saw only crops of images 11-20 and vice versa
+(no image is scored by a model calibrated on it); the demo model on crops of the demo train split.
+Speed: image -> labels at 513 x 513 (for ours: network, upsampling, argmax; TF Lite's graph does
+the same inside), each row warmed up, then `--reps` interleaved rounds of one call per row, so
+load from other processes hits all rows alike. Reported: best and median seconds per image,
+images per second from the best, and "x bf16": the median over rounds of the paired ratio
+(PyTorch bf16 time / row time) of the same model. GMACs from torch.utils.flop_counter at 513.
+Results: printed tables and bench/results/deploy.json.
+"""
+from __future__ import annotations
+
+from common import ROOT, write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seglab.data.images import load_image
+from seglab.data.labels import load_label
+from seglab.deploy.onnx_file import read_metadata
+from seglab.deploy.quantize import calibration_crops, quantize_onnx, quantize_pt2e
+from seglab.deploy.runtime import OnnxPredictor
+from seglab.deploy.onnx_export import export_onnx
+from seglab.evaluation.metrics import ConfusionMatrix
+from seglab.inference.predictor import Predictor
+from seglab.models.resize import full_resolution_logits
+
+REAL = ROOT.parent / "shared" / "real"
+TFLITE = REAL / "models" / "deeplabv3_mnv2_pascal_quant.tflite"
+VOC_DEV = REAL / "voc_dev"
+DEMO_CKPT, DEMO_DATA = ROOT / "runs" / "demo" / "checkpoints" / "final.pth", ROOT / "data" / "demo"
+RESULTS = Path(__file__).resolve().parent / "results" / "deploy.json"
+SIZE = 513
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictors that are not in the library (bench only)
+# ---------------------------------------------------------------------------------------------
+
+class ModulePredictor:
+    """Predictor's interface over a ready torch module (the PT2E int8 one, or an fp16 copy)."""
+    transform, predict = Predictor.transform, Predictor.predict
+
+    def __init__(self, module, like: Predictor, dtype=torch.float32):
+        self.module, self.dtype = module, dtype
+        self.norm, self.interp, self.output_stride = like.norm, like.interp, like.output_stride
+        self._transforms = {}
+
+    def logits(self, image):
+        with torch.no_grad():
+            return self.module(image[None].to(self.dtype))[0].float()
+
+
+class TFLitePredictor:
+    """The TF Lite interpreter on Google's uint8 file: labels for an RGB image (VOC protocol)."""
+
+    def __init__(self, path, threads: int):
+        from ai_edge_litert.interpreter import Interpreter
+        self.interpreter = Interpreter(str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def run(self, padded: np.ndarray) -> np.ndarray:
+        self.interpreter.set_tensor(self.input["index"], padded[None])
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"])[0]
+
+    def predict(self, image, mode="voc", pad_to=SIZE):
+        h, w = image.shape[:2]
+        padded = np.full((SIZE, SIZE, 3), 128, np.uint8)
+        padded[:h, :w] = image
+        return self.run(padded)[:h, :w].astype(np.uint8), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy
+# ---------------------------------------------------------------------------------------------
+
+def voc_items(root, split="val", limit=None):
+    base = Path(root) / "VOCdevkit" / "VOC2012"
+    ids = (base / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()[:limit]
+    return [(i, load_image(base / "JPEGImages" / f"{i}.jpg"),
+             load_label(base / "SegmentationClass" / f"{i}.png")) for i in ids]
+
+
+def score(predictors, items, fold_of=None) -> tuple[dict, list]:
+    """mIoU of `predictors` (one, or one per fold: image k uses predictors[fold_of(k)])."""
+    predictors = predictors if isinstance(predictors, list) else [predictors]
+    cm, labels = ConfusionMatrix(21), []
+    for k, (_, image, gt) in enumerate(items):
+        p = predictors[fold_of(k) if fold_of else 0]
+        pred = p.predict(image, mode="voc", pad_to=SIZE)[0]
+        cm.update(pred, gt)
+        labels.append(pred)
+    return cm.scores(), labels
+
+
+def accuracy_rows(rows: dict, items, folds=None) -> list[dict]:
+    """[{row, miou, delta, agree}] with the first row ("fp32") as the reference."""
+    out, ref, ref_miou = [], None, None
+    for name, predictor in rows.items():
+        started = time.perf_counter()
+        scores, labels = score(predictor, items, folds if isinstance(predictor, list) else None)
+        if ref is None:
+            ref, ref_miou = labels, scores["miou"]
+        same = sum(int((a == b).sum()) for a, b in zip(labels, ref))
+        total = sum(a.size for a in ref)
+        out.append(dict(row=name, miou=100 * scores["miou"], delta=100 * (scores["miou"] - ref_miou),
+                        agree=100 * same / total, seconds=round(time.perf_counter() - started, 1)))
+        print(f"  {name:14s} mIoU {out[-1]['miou']:6.2f}  delta {out[-1]['delta']:+6.2f}  "
+              f"agree {out[-1]['agree']:7.3f}%", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and their rows
+# ---------------------------------------------------------------------------------------------
+
+def real_checkpoint(tmp: Path) -> Path:
+    out = tmp / "mnv2.pth"
+    subprocess.run([sys.executable, str(ROOT / "Implementation" / "convert.py"), "tflite",
+                    str(TFLITE), str(out)], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def fp16_predictor(ckpt, msc_scales):
+    like = Predictor(ckpt, device="cpu", msc_scales=msc_scales, channels_last=False)
+    return ModulePredictor(like.model.half(), like, torch.float16)
+
+
+def torch_rows(ckpt, msc_scales, fp16: bool) -> dict:
+    rows = {"fp32": Predictor(ckpt, device="cpu", msc_scales=msc_scales),
+            "bf16": Predictor(ckpt, device="cpu", msc_scales=msc_scales, precision="bf16")}
+    if fp16:
+        rows["fp16 (cpu)"] = fp16_predictor(ckpt, msc_scales)
+    return rows
+
+
+def int8_ort(fp32_onnx: Path, out: Path, calibration, crops: int, crop: int,
+             threads: int) -> OnnxPredictor:
+    """An int8 file of `fp32_onnx`, calibrated on `crops` training crops of `calibration`."""
+    meta = read_metadata(fp32_onnx)
+    quantize_onnx(fp32_onnx, out, calibration_crops(calibration, crops, crop, meta["norm"]),
+                  calibration=str(calibration), crop=crop)
+    return OnnxPredictor(out, device="cpu", threads=threads)
+
+
+def int8_pt2e(ckpt, calibration, crops: int, crop: int, msc: bool, like: Predictor):
+    module = quantize_pt2e(ckpt, calibration_crops(calibration, crops, crop, like.norm), msc=msc)
+    return ModulePredictor(module, like)
+
+
+def real_rows(ckpt, tmp: Path, items, a) -> tuple[dict, object]:
+    """The real model's rows; int8 ones are two-fold lists (see the docstring)."""
+    rows = torch_rows(ckpt, (), fp16=True)
+    fp32 = tmp / "real_fp32.onnx"
+    export_onnx(ckpt, fp32, fixed_size=(SIZE, SIZE), check_images=[im for _, im, _ in items[:4]])
+    rows["onnx fp32"] = OnnxPredictor(fp32, device="cpu", threads=a.threads)
+    half = len(items) // 2
+    image_dir = VOC_DEV / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    halves = [[image_dir / f"{i}.jpg" for i, _, _ in part]
+              for part in (items[:half], items[half:])]
+    fold_of = (lambda k: 0 if k < half else 1)
+    # the file for fold f is calibrated on the other fold's images
+    rows["int8 ort"] = [int8_ort(fp32, tmp / f"real_int8_{f}.onnx", halves[1 - f],
+                                 a.calib_crops, SIZE, a.threads) for f in (0, 1)]
+    if a.pt2e:
+        rows["int8 pt2e"] = [int8_pt2e(ckpt, halves[1 - f], a.calib_crops, SIZE, False,
+                                       rows["fp32"]) for f in (0, 1)]
+    rows["tflite uint8"] = TFLitePredictor(TFLITE, a.threads)
+    return rows, fold_of
+
+
+def demo_rows(tmp: Path, a) -> dict:
+    rows = torch_rows(DEMO_CKPT, None, fp16=True)
+    msc = bool(rows["fp32"].msc_scales)
+    fp32 = tmp / "demo_fp32.onnx"
+    export_onnx(DEMO_CKPT, fp32, msc=msc)
+    rows["onnx fp32"] = OnnxPredictor(fp32, device="cpu", threads=a.threads)
+    crop = 129  # the demo recipe's training crop (configs/demo.yaml)
+    rows["int8 ort"] = int8_ort(fp32, tmp / "demo_int8.onnx", DEMO_DATA, a.calib_crops, crop,
+                                a.threads)
+    if a.pt2e:
+        rows["int8 pt2e"] = int8_pt2e(DEMO_CKPT, DEMO_DATA, a.calib_crops, crop, msc,
+                                      rows["fp32"])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed
+# ---------------------------------------------------------------------------------------------
+
+def labels_call(predictor, x):
+    """image (normalised, padded) -> labels at the input size, for one of our predictors."""
+    size = tuple(x.shape[-2:])
+    return lambda: full_resolution_logits(predictor.logits(x), size, size,
+                                          predictor.interp).argmax(0)
+
+
+def timed_rounds(calls: dict, reps: int) -> dict:
+    """{row: [seconds per call]}: one warm-up each, then `reps` interleaved rounds."""
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def speed_table(times: dict, baseline: str) -> list[dict]:
+    out = []
+    for name, ts in times.items():
+        paired = [b / t for b, t in zip(times[baseline], ts)]
+        out.append(dict(row=name, best=min(ts), median=statistics.median(ts),
+                        images_per_s=1 / min(ts), x_bf16=statistics.median(paired), times=ts))
+    return out
+
+
+def gmacs_params(ckpt) -> tuple[float, float]:
+    """GMACs of one single-scale pass at 513 x 513 and parameters (millions) of the network as
+    published (no inference rewrites)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = Predictor(ckpt, device="cpu", msc_scales=(), fold_bn=False, shifted_aspp=False,
+                      channels_last=False).model
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, SIZE, SIZE))
+    return counter.get_total_flops() / 2e9, sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def speed_calls(rows: dict, image) -> dict:
+    """{row: call} timing image -> labels at 513 for every row that has a fast path."""
+    calls = {}
+    for name, predictor in rows.items():
+        predictor = predictor[0] if isinstance(predictor, list) else predictor
+        if name.startswith("fp16"):
+            continue  # accuracy only
+        if isinstance(predictor, TFLitePredictor):
+            padded = np.full((SIZE, SIZE, 3), 128, np.uint8)
+            padded[:image.shape[0], :image.shape[1]] = image
+            calls[name] = (lambda p=predictor, x=padded: p.run(x))
+        else:
+            x, _ = predictor.transform("voc", SIZE)(image)
+            calls[name] = labels_call(predictor, x)
+    return calls
+
+
+def r101_rows(tmp: Path, a) -> tuple[dict, Path]:
+    """DeepLab v2 ResNet-101 with random weights (speed only), calibrated on 16 demo crops."""
+    from bench_inference import random_net
+    from seglab.checkpoint import atomic_save, make_checkpoint
+    net = random_net()
+    ckpt = atomic_save(make_checkpoint(net.arch, net.state_dict(), provenance={"source": "random"}),
+                       tmp / "r101.pth")
+    rows = torch_rows(ckpt, (), fp16=False)
+    fp32 = tmp / "r101_fp32.onnx"
+    export_onnx(ckpt, fp32, check=False)
+    rows["onnx fp32"] = OnnxPredictor(fp32, device="cpu", threads=a.threads)
+    calibration = DEMO_DATA if DEMO_DATA.is_dir() else [REAL / "images" / "dog_segmentation.bmp"]
+    rows["int8 ort"] = int8_ort(fp32, tmp / "r101_int8.onnx", calibration, 16, 321, a.threads)
+    if a.pt2e:
+        rows["int8 pt2e"] = int8_pt2e(ckpt, calibration, 16, 321, False, rows["fp32"])
+    return rows, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def print_accuracy(title: str, rows: list):
+    print(f"\n{title}\n| row | mIoU | delta vs fp32 | labels = fp32 |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | {r['miou']:.2f} | {r['delta']:+.2f} | {r['agree']:.3f}% |")
+
+
+def print_speed(title: str, rows: list):
+    print(f"\n{title}\n| row | best s/img | median s/img | img/s | x bf16 (paired) |\n"
+          "|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | {r['best']:.3f} | {r['median']:.3f} | {r['images_per_s']:.2f} | "
+              f"{r['x_bf16']:.2f} |")
+
+
+def summary_table(report: dict):
+    print("\n| model | GMACs | params (M) | mIoU fp32 | bf16 | fp16 | int8 | fastest s/img (row) |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for name, m in report["models"].items():
+        acc = {r["row"]: r["miou"] for r in m.get("accuracy", [])}
+        cell = (lambda k: f"{acc[k]:.2f}" if k in acc else "-")
+        fast = min(m["speed"], key=lambda r: r["best"]) if m.get("speed") else None
+        print(f"| {name} | {m['gmacs']:.1f} | {m['params_m']:.1f} | {cell('fp32')} | "
+              f"{cell('bf16')} | {cell('fp16 (cpu)')} | {cell('int8 ort')} | "
+              + (f"{fast['best']:.3f} ({fast['row']}) |" if fast else "- |"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 3 rounds, 8 calibration crops, 6 images per data set")
+    p.add_argument("--reps", type=int, default=7, help="interleaved timing rounds")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
+    p.add_argument("--calib-crops", type=int, default=200,
+                   help="calibration crops per int8 file (real: per fold; demo)")
+    p.add_argument("--no-pt2e", dest="pt2e", action="store_false", help="skip torchao PT2E")
+    p.add_argument("--no-r101", dest="r101", action="store_false", help="skip the ResNet-101")
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args(argv)
+    if a.quick:
+        a.reps, a.calib_crops, a.limit = 3, 8, 6
+    else:
+        a.limit = None
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    report = dict(machine=platform.processor() or platform.machine(), torch=torch.__version__,
+                  threads=a.threads, load_average_start=os.getloadavg(), args=vars(a), models={})
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if TFLITE.is_file() and VOC_DEV.is_dir():
+            print("real model (DeepLab v3 MobileNetV2, voc_dev):", flush=True)
+            ckpt = real_checkpoint(tmp)
+            items = voc_items(VOC_DEV, limit=a.limit)
+            rows, fold_of = real_rows(ckpt, tmp, items, a)
+            gmacs, params = gmacs_params(ckpt)
+            acc = accuracy_rows(rows, items, fold_of)
+            speed = speed_table(timed_rounds(speed_calls(rows, items[0][1]), a.reps), "bf16")
+            report["models"]["DeepLab v3 MNV2 (real)"] = dict(gmacs=gmacs, params_m=params,
+                                                              accuracy=acc, speed=speed)
+            print_accuracy("real model, voc_dev", acc)
+            print_speed("real model, 513 x 513", speed)
+        else:
+            print(f"real model skipped: {TFLITE} or {VOC_DEV} absent (see ../shared/real/README.md"
+                  " for the public downloads)")
+        if a.r101:
+            print("DeepLab v2 ResNet-101 (speed):", flush=True)
+            rows, ckpt = r101_rows(tmp, a)
+            gmacs, params = gmacs_params(ckpt)
+            image = load_image(sorted((REAL / "voc_dev").rglob("*.jpg"))[0]) if VOC_DEV.is_dir() \
+                else np.full((SIZE - 13, SIZE - 100, 3), 100, np.uint8)
+            speed = speed_table(timed_rounds(speed_calls(rows, image), a.reps), "bf16")
+            report["models"]["DeepLab v2 R101 (random weights)"] = dict(
+                gmacs=gmacs, params_m=params, speed=speed)
+            print_speed("DeepLab v2 ResNet-101, 513 x 513, single scale", speed)
+        if DEMO_CKPT.is_file() and DEMO_DATA.is_dir():
+            print("demo model (demo val):", flush=True)
+            rows = demo_rows(tmp, a)
+            acc = accuracy_rows(rows, voc_items(DEMO_DATA, limit=a.limit))
+            gmacs, params = gmacs_params(DEMO_CKPT)
+            report["models"]["demo (DeepLab v2 ResNet-14, MSC)"] = dict(
+                gmacs=gmacs, params_m=params, accuracy=acc)
+            print_accuracy("demo model, demo val", acc)
+        else:
+            print(f"demo model skipped: train it first (python Implementation/train.py --config "
+                  f"demo --run-dir runs/demo)")
+    summary_table(report)
+    report["load_average_end"] = os.getloadavg()
+    return write_report(report, a.out)
+
+
+if __name__ == "__main__":
+    main()

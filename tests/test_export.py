@@ -1,0 +1,212 @@
+"""Deployment (seglab/deploy, export.py): the ONNX file computes what PyTorch computes (fp32: max
+relative difference <= 1e-4, every label the same) at two sizes through one file, single scale
+and with MSC; evaluate.py and infer.py run the file and give the checkpoint's scores and labels;
+an int8 file is really quantised (per-channel int8 weights) and agrees with fp32 on a small model
+whose logits mean something; on the real TF Lite DeepLab v3 model when ../shared/real exists."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+
+import evaluate  # noqa: E402
+import export  # noqa: E402
+import infer  # noqa: E402
+from seglab.checkpoint import atomic_save, make_checkpoint  # noqa: E402
+from seglab.data.demo import make_demo_dataset  # noqa: E402
+from seglab.data.images import load_image  # noqa: E402
+from seglab.data.transforms import normalize  # noqa: E402
+from seglab.deploy import load_predictor  # noqa: E402
+from seglab.deploy.onnx_export import TOLERANCE, check_inputs, compare_with_torch  # noqa: E402
+from seglab.deploy.onnx_file import ExportError, open_session  # noqa: E402
+from seglab.deploy.runtime import OnnxPredictor  # noqa: E402
+from seglab.inference.predictor import Predictor  # noqa: E402
+from seglab.models import build_model  # noqa: E402
+from seglab.models.resnet import FrozenBatchNorm2d  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+TINY = dict(name="deeplabv2", num_classes=21, depth=14, width=4, rates=[2, 4])
+
+
+def tiny_net(seed=0):
+    """A tiny DeepLab v2 with random weights and non-trivial frozen BN statistics."""
+    torch.manual_seed(seed)
+    net = build_model(TINY).eval()
+    for m in net.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return net
+
+
+def fit_readout(net, samples, ridge=1e-2):
+    """The ASPP replaced by a ridge-regression readout of the backbone (centre tap of c0) fitted
+    to one-hot labels: logits with margins like a trained model's, in seconds."""
+    feats, targets = [], []
+    with torch.no_grad():
+        for image, label in samples:
+            f = net.backbone(normalize(image)[None])[0].flatten(1).T.double()
+            sub = torch.from_numpy(label[::8, ::8].astype(np.int64)).reshape(-1)
+            keep = sub != 255
+            feats.append(f[keep])
+            targets.append(torch.nn.functional.one_hot(sub[keep], 21).double())
+    x, y = torch.cat(feats), torch.cat(targets)
+    xs = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    w = torch.linalg.solve(xs.T @ xs + ridge * len(xs) * torch.eye(xs.shape[1], dtype=x.dtype),
+                           xs.T @ y)
+    with torch.no_grad():
+        for conv in net.aspp.branches():
+            conv.weight.zero_()
+            conv.bias.zero_()
+        net.aspp.c0.weight[:, :, 1, 1] = w[:-1].T.float()
+        net.aspp.c0.bias.copy_(w[-1].float())
+    return net
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, num_train=6, num_val=3, size=(64, 80), seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, demo):
+    """A fitted tiny checkpoint (MSC 0.75/0.5 in its config), its fp32 ONNX files (single scale,
+    MSC) and an int8 one."""
+    from seglab.data.voc import VOCSegmentation
+    tmp = tmp_path_factory.mktemp("export")
+    train = VOCSegmentation(demo, "train")
+    samples = [(load_image(train.image_path(i)), train.load_label(i)) for i in range(len(train))]
+    net = fit_readout(tiny_net(), samples)
+    ckpt = atomic_save(make_checkpoint(net.arch, net.state_dict(), trained_on="train_aug",
+                                       input_norm="caffe"), tmp / "tiny.pth")
+    out = dict(ckpt=ckpt, single=tmp / "single.onnx", msc=tmp / "msc.onnx",
+               int8=tmp / "int8.onnx")
+    assert export.main(["onnx", "--checkpoint", str(ckpt), "--out", str(out["single"])]) == 0
+    assert export.main(["int8", "--checkpoint", str(ckpt), "--out", str(out["int8"]), "--msc",
+                        "--calibration", str(demo), "--split", "train", "--crop", "65",
+                        "--crops", "6", "--fp32-out", str(out["msc"])]) == 0
+    return out
+
+
+def test_single_scale_file_reproduces_pytorch_at_two_sizes(files):
+    model = Predictor(files["ckpt"], device="cpu", msc_scales=(), channels_last=False,
+                      shifted_aspp=False).model
+    inputs = check_inputs("caffe", 8, sizes=((57, 90), (96, 41)))  # odd/even, wide/tall
+    result = compare_with_torch(files["single"], model, inputs)
+    assert result["max_rel_diff"] <= TOLERANCE and result["label_agreement"] == 1.0
+    report = json.loads(Path(str(files["single"]) + ".json").read_text())
+    assert report["check"]["max_rel_diff"] <= TOLERANCE and report["msc_scales"] == []
+
+
+def test_one_file_is_dynamic_in_height_and_width(files):
+    graph_input = onnx.load(str(files["msc"]), load_external_data=False).graph.input[0]
+    dims = graph_input.type.tensor_type.shape.dim
+    assert [d.HasField("dim_param") for d in dims] == [True, False, True, True]
+    session = open_session(files["msc"])
+    for size, logits in (((57, 90), (8, 12)), ((96, 41), (12, 6))):  # (H - 1) // 8 + 1
+        out = session.run(None, {"image": np.zeros((1, 3) + size, np.float32)})[0]
+        assert out.shape == (1, 21) + logits
+
+
+def test_msc_file_matches_the_default_pytorch_predictor(files):
+    """A second way: the PyTorch Predictor's own fast path (shifted-sum ASPP, channels_last, BN
+    folded its way), not the module that was exported."""
+    ours, theirs = OnnxPredictor(files["msc"]), Predictor(files["ckpt"], device="cpu")
+    assert ours.msc_scales == theirs.msc_scales == (0.75, 0.5)
+    for k, size in enumerate(((70, 61), (48, 100))):
+        image = np.random.default_rng(k).integers(0, 256, size + (3,), dtype=np.uint8)
+        a, la = ours.predict(image)
+        b, lb = theirs.predict(image)
+        assert (a == b).all()
+        assert float((la - lb).abs().max() / lb.abs().max()) <= TOLERANCE
+
+
+def test_evaluate_and_infer_run_the_onnx_file_with_the_checkpoints_results(files, demo,
+                                                                          tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"root": str(demo)}, "eval": {"pad_to": 81}}))
+    scores = {}
+    for name in ("ckpt", "msc"):
+        out = tmp_path / name
+        assert evaluate.main(["--checkpoint", str(files[name]), "--config", str(cfg),
+                              "--out", str(out)]) == 0
+        scores[name] = json.loads((out / "scores.json").read_text())
+        assert infer.main(["--checkpoint", str(files[name]), str(demo / "VOCdevkit" / "VOC2012" / "JPEGImages"), "--out",
+                           str(tmp_path / f"infer_{name}"), "--pad-to", "81"]) == 0
+    assert scores["msc"]["precision"] == "fp32" and scores["msc"]["num_images"] == 3
+    assert scores["msc"]["miou"] == scores["ckpt"]["miou"] > 0.3  # the fit means something
+    for png in sorted((tmp_path / "infer_ckpt" / "pred").rglob("*.png")):
+        other = tmp_path / "infer_msc" / png.relative_to(tmp_path / "infer_ckpt")
+        assert np.array_equal(np.asarray(load_image(png)), np.asarray(load_image(other)))
+
+
+def test_int8_file_is_quantised_per_channel_and_agrees_with_fp32(files, demo):
+    graph = onnx.load(str(files["int8"])).graph
+    init = {t.name: t for t in graph.initializer}
+    weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear"
+                 and init.get(n.input[0]) is not None and len(init[n.input[0]].dims) == 4]
+    assert len(weight_dq) >= 10
+    for node in weight_dq:
+        weight, scale = init[node.input[0]], init[node.input[1]]
+        assert weight.data_type == onnx.TensorProto.INT8
+        assert list(scale.dims) == [weight.dims[0]]  # one scale per output channel
+    q, f = load_predictor(str(files["int8"])), load_predictor(str(files["msc"]))
+    assert q.precision == "int8" and f.precision == "fp32"
+    assert q.settings()["quantization"]["crops"] == 6
+    same = total = 0
+    from seglab.data.voc import VOCSegmentation
+    val = VOCSegmentation(demo, "val")
+    for i in range(len(val)):
+        image = load_image(val.image_path(i))
+        a, la = q.predict(image, pad_to=81)
+        b, lb = f.predict(image, pad_to=81)
+        assert not torch.equal(la, lb)  # really another computation
+        same, total = same + int((a == b).sum()), total + a.size
+    assert same / total >= 0.97
+
+
+def test_wrong_uses_of_an_onnx_file_fail_clearly(files, tmp_path):
+    with pytest.raises(ValueError, match="bf16"):
+        OnnxPredictor(files["msc"], precision="bf16")
+    with pytest.raises(ValueError, match="msc_scales"):
+        OnnxPredictor(files["msc"], msc_scales=())
+    foreign = tmp_path / "foreign.onnx"
+    proto = onnx.load(str(files["single"]))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(foreign))
+    with pytest.raises(ExportError, match="export.py"):
+        OnnxPredictor(foreign)
+    assert export.main(["onnx", "--checkpoint", str(tmp_path / "missing.pth"),
+                        "--out", str(tmp_path / "x.onnx")]) == 2
+
+
+@pytest.mark.skipif(not (REAL / "models" / "deeplabv3_mnv2_pascal_quant.tflite").is_file(),
+                    reason="needs ../shared/real (the TF Lite DeepLab v3 from "
+                           "https://github.com/google-coral/test_data and VOC 2012 val images)")
+def test_real_model_export_round_trip_on_real_images(tmp_path):
+    convert = pytest.importorskip("convert")
+    if "tflite" not in convert.CONVERTERS:
+        pytest.skip("the TF Lite converter (convert.py tflite) is not in this tree")
+    ckpt = tmp_path / "mnv2.pth"
+    assert convert.main(["tflite", str(REAL / "models" / "deeplabv3_mnv2_pascal_quant.tflite"),
+                         str(ckpt)]) == 0
+    images = sorted((REAL / "voc_dev").rglob("*.jpg"))[:2]
+    out = tmp_path / "mnv2.onnx"
+    assert export.main(["onnx", "--checkpoint", str(ckpt), "--out", str(out), "--fixed-size",
+                        "513", "513", "--check-images", str(images[0].parent)]) == 0
+    check = json.loads(Path(str(out) + ".json").read_text())["check"]
+    assert check["max_rel_diff"] <= TOLERANCE and check["label_agreement"] == 1.0
+    ours, theirs = OnnxPredictor(out), Predictor(ckpt, device="cpu", msc_scales=())
+    for path in images:
+        image = load_image(path)
+        assert (ours.predict(image)[0] == theirs.predict(image)[0]).all()
+    with pytest.raises(ValueError, match="513x513 inputs only"):
+        ours.logits(torch.zeros(3, 321, 321))
