@@ -1,41 +1,27 @@
-"""Convert released DeepLab v2 weights into our checkpoint format (and ours into the published
-port's).
+"""Convert published weights into our checkpoint format (and ours into the published port's).
 
     python Implementation/convert.py caffe IN.caffemodel OUT.pth [--num-classes N] [--trained-on S]
     python Implementation/convert.py pth IN.pth OUT.pth [--to-published]
     python Implementation/convert.py torchvision IN.pth|download OUT.pth
+    python Implementation/convert.py tflite IN.tflite OUT.pth
+    python Implementation/convert.py CONVERTER --help      # what each one takes, and where to get it
 
-Where to download the weights (we never download them for you, except `torchvision download`):
-  * the DeepLab v2 Caffe release, http://liangchiehchen.com/projects/DeepLabv2_resnet.html:
-    `prototxt_and_model.zip` holds `init.caffemodel` (MS-COCO pretrained: the paper's starting
-    point), `train_iter_20000.caffemodel` (the final model, trained on VOC train_aug) and
-    `train2_iter_20000.caffemodel` (fine-tuned on train+val: never score it on val);
-  * the published PyTorch conversion (kazuto1011/deeplab-pytorch),
-    https://github.com/kazuto1011/deeplab-pytorch/releases/download/v1.0/deeplabv2_resnet101_msc-vocaug-20000.pth
-  * torchvision's ImageNet ResNet-101, https://download.pytorch.org/models/resnet101-63fe2227.pth
+One converter per source of weights (the CONVERTERS table below; the key maps live in
+seglab/weights/): the DeepLab v2 Caffe release (`caffe`: init.caffemodel, the MS-COCO model that
+is the paper's starting point; train_iter_20000.caffemodel, trained on train_aug;
+train2_iter_20000.caffemodel, fine-tuned on train+val: never score it on val), the published
+PyTorch port (`pth`, and `--to-published` back), torchvision's ImageNet ResNets (`torchvision`),
+Google's VOC-trained DeepLab v3 MobileNetV2 TF Lite files (`tflite`), torchvision's segmentation
+models and VainF/DeepLabV3Plus-Pytorch checkpoints, the FCN Caffe release and torchvision's
+ImageNet backbones of the classic networks. We never download weights for you, except with the
+word `download` where torchvision's own download code serves.
 
-The three conversions (each writes OUT, our checkpoint, and OUT.json, the resolved config and a
-summary beside it):
-  caffe        decodes the protobuf (caffe_proto.py) and maps the layers onto our modules by name:
-               `conv1`/`bn_conv1`/`scale_conv1` -> backbone.conv1, `res{S}{b}_branch2a|2b|2c|1`
-               (+ `bn...`, `scale...`) -> backbone.res{S}.{b}.reduce|conv3x3|increase|shortcut,
-               `fc1_voc12_c{i}` -> aspp.c{i}. BatchNorm blobs [mean*f, var*f, f] become running
-               statistics (times 1/f as Caffe does; 0 if f == 0), Scale blobs [gamma, beta] the
-               BN affine weight and bias. The MSC copies (`*_res05`, `*_res075`) share weights
-               with the 1x branch and are skipped; other classifiers (`fc1_coco*`, 91 classes, in
-               init.caffemodel; or a class count that differs from --num-classes) are dropped
-               and the ASPP keeps its N(0, 0.01) init. Every other tensor must be filled.
-  pth          the published port's state_dict (`base.layer{S}.block{k}...`) to ours, losslessly;
-               `--to-published` turns one of our checkpoints back into exactly those keys.
-  torchvision  a torchvision ResNet-50/101 state_dict into our `style="pytorch"` backbone
-               (conv1/bn1 -> reduce, conv2/bn2 -> conv3x3, conv3/bn3 -> increase,
-               downsample -> shortcut; fc dropped); the ASPP keeps its init.
-
-Each checkpoint records `trained_on` (guessed from the file name, or --trained-on), the input
-normalisation the weights expect (`input_norm`: "caffe" = BGR 0..255 minus the mean, "imagenet"
-= RGB 0..1 with ImageNet mean/std) and provenance (source file, sha256, converter, what was
-skipped or dropped). `warn_if_trained_on` is what evaluation calls to refuse to stay silent when
-the weights have seen the split being scored.
+Each conversion writes OUT (our checkpoint) and OUT.json (the resolved arguments and a summary).
+Each checkpoint records `trained_on` (guessed from the file, or --trained-on), the input
+normalisation the weights expect (`input_norm`: "caffe" = BGR 0..255 minus the mean,
+"imagenet" = RGB 0..1 with ImageNet mean/std, "tf" = RGB scaled to [-1, 1]) and provenance
+(source file, sha256, converter, what was skipped or dropped). Evaluation reads `trained_on` to
+warn loudly when the weights have seen the split being scored.
 """
 from __future__ import annotations
 
@@ -121,13 +107,14 @@ def main(argv=None) -> int:
                 sha256=args.source_sha256,
                 converter=args.converter, skipped=result["skipped"], dropped=result["dropped"],
                 left_at_init=result["missing"], input_norm=input_norm)
+            provenance.update(result.get("provenance", {}))  # the converter's own facts
             ckpt = make_checkpoint(result["arch"], result["state_dict"], trained_on, provenance,
                                    input_norm=input_norm)
             atomic_save(ckpt, args.output)
             summary = dict(arch=result["arch"], trained_on=trained_on, provenance=provenance,
                            filled=result["filled"], total=len(result["state_dict"]))
             print(f"wrote {args.output}: {result['filled']} tensors filled from {args.source}; "
-                  f"skipped {len(result['skipped'])} res05/res075 copies; dropped "
+                  f"skipped {len(result['skipped'])}; dropped "
                   f"{len(result['dropped'])}: {result['dropped'] or 'nothing'}; "
                   f"{len(result['missing'])} left at init; trained_on={trained_on}; "
                   f"input_norm={input_norm}")

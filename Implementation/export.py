@@ -1,7 +1,7 @@
 """Deploy a checkpoint: ONNX export (fp32) and int8 post-training quantisation.
 
     python Implementation/export.py onnx --checkpoint C --out model.onnx [--msc]
-    python Implementation/export.py int8 --checkpoint C --calibration DATA_ROOT --out model_int8.onnx
+    python Implementation/export.py int8 --checkpoint C --calibration DATA_ROOT --out int8.onnx
     python Implementation/evaluate.py --checkpoint model_int8.onnx --split val   # runs the file
     python Implementation/infer.py --checkpoint model_int8.onnx photos/
 
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
         return 2
     Path(str(args.out) + ".json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
     check = facts.get("fp32_check") or facts["check"]
+    size = "x".join(map(str, facts["fixed_size"])) if facts.get("fixed_size") else "any size"
     lines = [f"wrote {args.out} ({facts['precision']}, {facts['arch']['name']}, MSC scales "
-             f"{facts['msc_scales'] or 'none'}, input "
-             f"{'x'.join(map(str, facts['fixed_size'])) if facts.get('fixed_size') else 'any size'})",
+             f"{facts['msc_scales'] or 'none'}, input {size})",
              f"  fp32 ONNX vs PyTorch on {len(check['sizes'])} inputs {check['sizes']}: max "
              f"relative difference {check['max_rel_diff']:.2e}, labels "
              f"{100 * check['label_agreement']:.3f}% equal"]

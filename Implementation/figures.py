@@ -3,6 +3,7 @@
     python Implementation/train.py --config demo          # once: the run the figures read
     python Implementation/figures.py                      # newest runs/demo*/ -> Figures/
     python Implementation/figures.py --run runs/NAME --only c d
+    python Implementation/figures.py --real weights/mnv2_dm1.pth   # the real-photo figures
 
 Figures (letter, file, what it shows, what it reads):
   a  atrous_fov.png       the taps of a 3x3 kernel at rates 1, 6, 12, 24 (measured through our
@@ -18,6 +19,10 @@ Figures (letter, file, what it shows, what it reads):
   g  trimap.png           mIoU and pixel accuracy within a band around object boundaries, with
                           and without the CRF (from the scores if evaluate.py --trimap made them,
                           else computed here from the cached logits and the CRF)
+
+With --real CHECKPOINT (a real VOC-trained network, e.g. Google's DeepLab v3 MobileNetV2 through
+`convert.py tflite`) it draws msc_real.png, crf_real.png and overlay_real.png instead, on a
+public-domain photo that scikit-image ships (seglab/figures/real.py).
 
 (a) and (b) need no run. Label maps use the VOC colour map (void = 255 in its VOC colour) and
 a legend of the classes shown. Figures are 12 inches wide at 110 dpi, so they read at README
@@ -36,7 +41,7 @@ from tqdm import tqdm
 from seglab.checkpoint import CheckpointError
 from seglab.data.labels import DataError
 from seglab.evaluation.logit_cache import LogitCacheError
-from seglab.figures import atrous, crf, msc, network, scores, training
+from seglab.figures import atrous, crf, msc, network, real, scores, training
 from seglab.figures.run import ROOT, FigureError, default_run, load_run
 
 
@@ -79,7 +84,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Regenerate every PNG in Figures/ from our code and a demo run: "
                     + "; ".join(f"{k}: {f.name}" for k, f in FIGURES.items())
-                    + ". (a) and (b) need no run.",
+                    + ". (a) and (b) need no run; --real CHECKPOINT draws the real-photo figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", help="run folder of train.py with checkpoints/final.pth, log.csv and "
                                  "eval_val/ (default: runs/demo, the README's demo run)")
@@ -88,6 +93,10 @@ def parse_args(argv=None):
                    help="only these figures (letters a-g or file names)")
     p.add_argument("--trimap-widths", type=int, nargs="+", default=list(scores.TRIMAP_WIDTHS),
                    metavar="W", help="trimap band widths (px) for figure g")
+    p.add_argument("--real", metavar="CHECKPOINT",
+                   help="draw the real-photo figures with this VOC-trained checkpoint instead")
+    p.add_argument("--photo", default="astronaut", choices=real.PHOTOS,
+                   help="the scikit-image photo for --real")
     p.add_argument("--workers", type=int, default=0,
                    help="CRF worker processes for figure g when it computes the trimap "
                         "(0 = all cores)")
@@ -97,6 +106,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.real:
+        try:
+            written = real.fig_real(args.real, out, args.photo)
+        except (FigureError, DataError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("written:\n" + "\n".join(f"  {p}" for p in written))
+        return 0
     try:
         keys = selected(args.only)
         run = None

@@ -29,11 +29,12 @@ the share of pixels whose label equals the fp32 row's, "delta" the mIoU change f
 int8 calibration: there are no VOC training images here, so the real model is calibrated in two
 folds of voc_dev: the file that scores images 1-10 saw only crops of images 11-20 and vice versa
 (no image is scored by a model calibrated on it); the demo model on crops of the demo train split.
-Speed: image -> labels at 513 x 513 (for ours: network, upsampling, argmax; TF Lite's graph does
-the same inside), each row warmed up, then `--reps` interleaved rounds of one call per row, so
-load from other processes hits all rows alike. Reported: best and median seconds per image,
-images per second from the best, and "x bf16": the median over rounds of the paired ratio
-(PyTorch bf16 time / row time) of the same model. GMACs from torch.utils.flop_counter at 513.
+Speed: image -> labels at 513 x 513 (for ours: network, bilinear upsampling, argmax, see `labels`;
+TF Lite's graph does the same inside), each row warmed up, then `--reps` interleaved rounds of
+one call per row, so load from other processes hits all rows alike. Reported: best and median
+seconds per image, images per second from the best, and "x bf16": the median over rounds of the
+paired ratio (PyTorch bf16 time / row time) of the same model. GMACs from
+torch.utils.flop_counter at 513.
 Results: printed tables and bench/results/deploy.json.
 """
 from __future__ import annotations
@@ -60,7 +61,6 @@ from seglab.deploy.runtime import OnnxPredictor
 from seglab.deploy.onnx_export import export_onnx
 from seglab.evaluation.metrics import ConfusionMatrix
 from seglab.inference.predictor import Predictor
-from seglab.models.resize import full_resolution_logits
 
 REAL = ROOT.parent / "shared" / "real"
 TFLITE = REAL / "models" / "deeplabv3_mnv2_pascal_quant.tflite"
@@ -143,7 +143,8 @@ def accuracy_rows(rows: dict, items, folds=None) -> list[dict]:
             ref, ref_miou = labels, scores["miou"]
         same = sum(int((a == b).sum()) for a, b in zip(labels, ref))
         total = sum(a.size for a in ref)
-        out.append(dict(row=name, miou=100 * scores["miou"], delta=100 * (scores["miou"] - ref_miou),
+        out.append(dict(row=name, miou=100 * scores["miou"],
+                        delta=100 * (scores["miou"] - ref_miou),
                         agree=100 * same / total, seconds=round(time.perf_counter() - started, 1)))
         print(f"  {name:14s} mIoU {out[-1]['miou']:6.2f}  delta {out[-1]['delta']:+6.2f}  "
               f"agree {out[-1]['agree']:7.3f}%", flush=True)
@@ -183,8 +184,18 @@ def int8_ort(fp32_onnx: Path, out: Path, calibration, crops: int, crop: int,
     return OnnxPredictor(out, device="cpu", threads=threads)
 
 
+NOTES = []
+
+
 def int8_pt2e(ckpt, calibration, crops: int, crop: int, msc: bool, like: Predictor):
-    module = quantize_pt2e(ckpt, calibration_crops(calibration, crops, crop, like.norm), msc=msc)
+    """The PT2E row, or None (with a note) where torchao's quantizer cannot take the network."""
+    try:
+        module = quantize_pt2e(ckpt, calibration_crops(calibration, crops, crop, like.norm),
+                               msc=msc)
+    except ValueError as e:
+        NOTES.append(f"int8 pt2e skipped for {Path(str(ckpt)).name}: {e}")
+        print(f"  {NOTES[-1]}", flush=True)
+        return None
     return ModulePredictor(module, like)
 
 
@@ -202,7 +213,7 @@ def real_rows(ckpt, tmp: Path, items, a) -> tuple[dict, object]:
     # the file for fold f is calibrated on the other fold's images
     rows["int8 ort"] = [int8_ort(fp32, tmp / f"real_int8_{f}.onnx", halves[1 - f],
                                  a.calib_crops, SIZE, a.threads) for f in (0, 1)]
-    if a.pt2e:
+    if a.pt2e and int8_pt2e(ckpt, halves[1], 1, SIZE, False, rows["fp32"]) is not None:
         rows["int8 pt2e"] = [int8_pt2e(ckpt, halves[1 - f], a.calib_crops, SIZE, False,
                                        rows["fp32"]) for f in (0, 1)]
     rows["tflite uint8"] = TFLitePredictor(TFLITE, a.threads)
@@ -221,18 +232,27 @@ def demo_rows(tmp: Path, a) -> dict:
     if a.pt2e:
         rows["int8 pt2e"] = int8_pt2e(DEMO_CKPT, DEMO_DATA, a.calib_crops, crop, msc,
                                       rows["fp32"])
-    return rows
+    return {k: v for k, v in rows.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------------
 # Speed
 # ---------------------------------------------------------------------------------------------
 
+def labels(logits: torch.Tensor, size, interp: str) -> torch.Tensor:
+    """full_resolution_logits + argmax (seglab/models/resize.py) computed in channels_last: the
+    same bilinear values, and the argmax over channels then reads contiguous memory (4-5x faster
+    at 21 x 513 x 513 here: about 20 ms instead of 90 ms, a third of the int8 network's time)."""
+    x = logits[None].contiguous(memory_format=torch.channels_last)
+    up = torch.nn.functional.interpolate(x, size=size, mode="bilinear",
+                                         align_corners=interp == "caffe")
+    return up.argmax(1)[0]
+
+
 def labels_call(predictor, x):
     """image (normalised, padded) -> labels at the input size, for one of our predictors."""
     size = tuple(x.shape[-2:])
-    return lambda: full_resolution_logits(predictor.logits(x), size, size,
-                                          predictor.interp).argmax(0)
+    return lambda: labels(predictor.logits(x), size, predictor.interp)
 
 
 def timed_rounds(calls: dict, reps: int) -> dict:
@@ -301,7 +321,7 @@ def r101_rows(tmp: Path, a) -> tuple[dict, Path]:
     rows["int8 ort"] = int8_ort(fp32, tmp / "r101_int8.onnx", calibration, 16, 321, a.threads)
     if a.pt2e:
         rows["int8 pt2e"] = int8_pt2e(ckpt, calibration, 16, 321, False, rows["fp32"])
-    return rows, ckpt
+    return {k: v for k, v in rows.items() if v is not None}, ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +343,8 @@ def print_speed(title: str, rows: list):
 
 
 def summary_table(report: dict):
-    print("\n| model | GMACs | params (M) | mIoU fp32 | bf16 | fp16 | int8 | fastest s/img (row) |\n"
+    print("\n| model | GMACs | params (M) | mIoU fp32 | bf16 | fp16 | int8 | fastest s/img (row) |"
+          "\n"
           "|---|---|---|---|---|---|---|---|")
     for name, m in report["models"].items():
         acc = {r["row"]: r["miou"] for r in m.get("accuracy", [])}
@@ -397,7 +418,9 @@ def main(argv=None) -> dict:
             print(f"demo model skipped: train it first (python Implementation/train.py --config "
                   f"demo --run-dir runs/demo)")
     summary_table(report)
-    report["load_average_end"] = os.getloadavg()
+    for note in NOTES:
+        print(f"note: {note}")
+    report["notes"], report["load_average_end"] = NOTES, os.getloadavg()
     return write_report(report, a.out)
 
 

@@ -23,7 +23,7 @@ import yaml
 import convert
 import evaluate
 import train
-from seglab.checkpoint import load_checkpoint
+from seglab.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from seglab.config import CONFIG_DIR, load_config
 from seglab.models import ARCHITECTURES, build_model, param_groups
 from seglab.inference.predictor import Predictor
@@ -350,6 +350,7 @@ def test_vainf_checkpoint_converts_and_another_class_count_reinitialises_the_cla
     ckpt = load_checkpoint(out)
     assert ckpt["arch"]["name"] == "deeplabv3plus_mobilenet_vainf"
     assert ckpt["arch"]["output_stride"] == 16 and ckpt["trained_on"] == "train_aug"
+    assert ckpt["provenance"]["output_stride"] == "16, from the file name"
     assert all(torch.equal(ckpt["model"][k], v) for k, v in src.state_dict().items())
     assert ckpt["provenance"]["left_at_init"] == [] and ckpt["provenance"]["dropped"] == []
 
@@ -419,13 +420,32 @@ def test_each_preset_loads_and_its_start_command_writes_its_init(preset):
 
 # --- every architecture through train.py and evaluate.py ---------------------------------------
 
-def config(tmp_path, name):
+def calibrated_init(name, path) -> str:
+    """A random network whose BN running statistics are averages over train-mode passes. (From
+    scratch they are (0, 1), and an eval-mode ResNet-101 computes logits beyond the float16
+    range of the logit cache; its gradients at batch 2 are large too, hence the tiny lr of
+    `config`: these runs test the plumbing; `test_..._losses_train` that training learns.)"""
+    torch.manual_seed(0)
+    net = build_model({"name": name, "num_classes": 21}).train()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+    with torch.no_grad():
+        for size in (33, 49):
+            net(torch.randn(2, 3, size, size))
+    atomic_save(make_checkpoint(net.arch, net.state_dict(), input_norm="imagenet"), path)
+    return str(path)
+
+
+def config(tmp_path, name, init=None):
     cfg = {"data": {"root": str(tmp_path / "demo"), "demo": True, "crop": 33, "workers": 0,
                     "check": "never", "demo_args": {"num_train": 4, "num_val": 2,
                                                     "size": [40, 48], "seed": 1}},
            "model": {"name": name, "msc_scales": [0.75], "interp": "pytorch"},
-           "train": {"init": "scratch", "iterations": 2, "effective_batch": 2,
-                     "batch_per_step": 2, "base_lr": 0.01, "checkpoint_every": 2,
+           "train": {"init": init or calibrated_init(name, tmp_path / "init.pth"),
+                     "iterations": 2, "effective_batch": 2, "batch_per_step": 2,
+                     "base_lr": 1.0e-6, "checkpoint_every": 2,
                      "loss_targets": "nearest"},
            "eval": {"pad_to": 49},
            "crf": {"workers": 1, "iterations": 1},
@@ -456,3 +476,14 @@ def test_every_architecture_trains_and_evaluates_through_the_scripts(tmp_path, n
                           cfg, "--out", str(out), "--crf"]) == 0
     again = json.loads((out / "scores_crf.json").read_text())
     assert again["miou"] == pytest.approx(scores["miou"])
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_mobilenet_v3_large_tv",  # the "aux" loss
+                                  "deeplabv3plus_mobilenet_vainf"])  # MSC's losses
+def test_the_aux_and_msc_losses_train(tmp_path, name):
+    cfg, run = config(tmp_path, name, init="scratch"), tmp_path / "run"
+    assert train.main(["--config", cfg, "--run-dir", str(run), "--no-eval", "train.iterations=30",
+                       "train.base_lr=0.01", "train.checkpoint_every=30"]) == 0
+    with open(run / "log.csv") as f:
+        losses = [float(line.split(",")[2]) for line in f.readlines()[1:]]
+    assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])  # it learned

@@ -231,3 +231,24 @@ def test_the_readme_shows_every_figure():
     shown = set(readme_figures())
     absent = [f.name for f in figures.FIGURES.values() if f.name not in shown]
     assert not absent, f"figures.py writes {absent} but README.md does not show them"
+
+
+REAL = ROOT.parent / "shared" / "real" / "models" / "deeplabv3_mnv2_pascal_quant.tflite"
+
+
+@pytest.mark.skipif(not REAL.is_file(), reason="needs Google's deeplabv3_mnv2_pascal_quant.tflite "
+                    "(https://github.com/google-coral/test_data/raw/master/"
+                    "deeplabv3_mnv2_pascal_quant.tflite) in ../shared/real/models")
+def test_real_photo_figures_show_a_person_on_the_astronaut_photo(tmp_path):
+    import convert
+    ckpt = tmp_path / "mnv2.pth"
+    assert convert.main(["tflite", str(REAL), str(ckpt)]) == 0
+    assert figures.main(["--real", str(ckpt), "--out", str(tmp_path / "fig")]) == 0
+    for name in ("msc_real.png", "crf_real.png", "overlay_real.png"):
+        assert (tmp_path / "fig" / name).stat().st_size > 20000, name
+    from seglab.figures.real import photo, real_network
+    from seglab.figures.msc import msc_predict
+    net, transform = real_network(ckpt)
+    labels = msc_predict(net, photo("astronaut"), transform, (), "caffe").fused.argmax(0)
+    person = (labels == 15).float().mean().item()  # VOC class 15: person
+    assert 0.2 < person < 0.8  # the astronaut fills a good part of the frame, not all of it

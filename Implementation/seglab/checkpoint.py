@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from seglab.atomic import atomic_output
-from seglab.models import normalize_arch
+from seglab.models import architecture, normalize_arch
 
 FORMAT, VERSION = "seglab", 1
 FORMATS_READ = (FORMAT, "deeplab-v2")
@@ -109,8 +109,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def check_arch(ckpt: dict, arch: dict, path="checkpoint") -> None:
     """Raise if a checkpoint was made for another architecture than `arch`."""
     theirs, ours = normalize_arch(ckpt["arch"]), normalize_arch(arch)
+    free = {"frozen_bn", *architecture(ours).training_options}  # shape no tensor
     diff = {k: (theirs.get(k), v) for k, v in ours.items()
-            if k != "frozen_bn" and theirs.get(k) != v}  # freezing is a training choice
+            if k not in free and theirs.get(k) != v}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{path} is for another architecture ({lines}). "

@@ -20,11 +20,12 @@ import json
 import re
 from pathlib import Path
 
+import torch
 import yaml
 
 from seglab.densecrf.params import NORMALIZATIONS, CRFParams
 from seglab.data.registry import dataset_class
-from seglab.models import normalize_arch
+from seglab.models import build_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -224,11 +225,13 @@ def validate(cfg: dict) -> dict:
         dataset_class(cfg["data"]["dataset"])
     except ValueError as e:
         raise ConfigError(f"config key 'data.dataset': {e}") from None
+    arch = dict(cfg["model"]["arch"], name=cfg["model"]["name"],
+                num_classes=cfg["data"]["num_classes"])
     try:
-        normalize_arch(dict(cfg["model"]["arch"], name=cfg["model"]["name"],
-                            num_classes=cfg["data"]["num_classes"]))
-    except ValueError as e:
-        raise ConfigError(f"config section 'model': {e}") from None
+        with torch.device("meta"):  # builds the network's shapes only: options checked, no memory
+            build_model(arch)
+    except (ValueError, TypeError, AssertionError, NotImplementedError) as e:
+        raise ConfigError(f"config section 'model' ({arch['name']}): {e}") from None
     return cfg
 
 

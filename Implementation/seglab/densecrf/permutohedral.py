@@ -16,16 +16,16 @@ out_i ~ sum_j exp(-|f_i - f_j|^2 / 2) v_j (j = i included), computed on the latt
 Every constant, the float32 operation order of the elevation and rounding, and the blur follow
 Krähenbühl's dense-CRF lattice (`permutohedral.cpp`, compiled into pydensecrf), so filtered values
 agree with pydensecrf's to float rounding. Where that code keeps a hash table of vertex keys, we
-code each vertex as one integer (its remainder class, then its quotients in mixed radix), sort
-all N (d+1) codes at once (one stable sort: it numbers the vertices and groups the points that
-splat onto each), renumber the vertices in first-use order (the hash table's order, and good
-memory locality), and find the blur neighbours by looking their codes up in the sorted codes.
+code each vertex as one integer per remainder class (its quotients in mixed radix), sort each
+class's codes once (numbering the vertices and grouping the points that splat onto each),
+renumber the vertices in first-use order (the hash table's order, and good memory locality),
+and find the blur neighbours by looking their codes up (a direct table, or a hash table).
 
 Splat, blur and slice are sparse linear maps, built once per feature set as "embedding bags"
 (`Bags`: per output row, a list of input rows and weights) and applied with
 `torch.nn.functional.embedding_bag(mode="sum", per_sample_weights=...)`: on the CPU that is
-fbgemm's JIT-compiled gather-and-sum kernel, 2-3x faster here than torch.sparse CSR products
-(MKL) on the same maps; it runs on CUDA too. No library offers the lattice itself, hence this file.
+fbgemm's gather-and-sum kernel, 2-3x faster here than torch.sparse CSR products (MKL) on the
+same maps; it runs on CUDA too. No library offers the lattice itself, hence this file.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _INT32_MAX = 2 ** 31 - 1
+_DENSE = 0.9      # neighbours present: blur two steps a pass (PermutohedralLattice.passes)
 _HASH_MULTIPLIER = 0x9E3779B1      # 2^32 / golden ratio, odd: Knuth's multiplicative hash
 
 
@@ -62,24 +63,14 @@ class Bags(NamedTuple):
         if inputs is not None:
             weights = weights * inputs.index_select(0, self.indices)
         if rows is not None:
-            counts = torch.diff(self.offsets.long())
-            weights = weights * torch.repeat_interleave(rows, counts, output_size=weights.numel())
+            width = weights.numel() // max(self.num_rows, 1)
+            uniform = torch.arange(0, weights.numel() + 1, max(width, 1), device=rows.device)
+            if uniform.numel() == self.offsets.numel() and torch.equal(self.offsets.long(), uniform):
+                weights = (weights.view(-1, width) * rows[:, None]).view(-1)    # e.g. the slice
+            else:
+                counts = torch.diff(self.offsets.long())
+                weights = weights * torch.repeat_interleave(rows, counts, output_size=weights.numel())
         return Bags(self.indices, self.offsets, weights)
-
-    def compose(self, inner: "Bags") -> "Bags":
-        """self after inner, as one map: row r lists, for each entry (u, w) of r, inner's
-        row u with its weights times w (repeats are kept: a sum needs no merging)."""
-        inner_offsets = inner.offsets.long()
-        lengths = torch.diff(inner_offsets).index_select(0, self.indices)
-        ends = torch.cumsum(lengths, 0)
-        total = int(ends[-1]) if ends.numel() else 0
-        entry = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device),
-                                        lengths, output_size=total)
-        start = inner_offsets[:-1].index_select(0, self.indices) - (ends - lengths)
-        source = start.index_select(0, entry).add_(torch.arange(total, device=entry.device))
-        weights = inner.weights.index_select(0, source) * self.weights.index_select(0, entry)
-        offsets = torch.cat([ends.new_zeros(1), ends]).index_select(0, self.offsets.long())
-        return Bags(inner.indices.index_select(0, source), offsets.to(self.offsets.dtype), weights)
 
 
 class PermutohedralLattice:
@@ -89,7 +80,7 @@ class PermutohedralLattice:
     `weight` (N, d+1) float32, the barycentric weights; `neighbours` (d+1, 2, num_vertices),
     the two neighbours of each vertex along each lattice axis (num_vertices = absent); index
     tensors are int32 (int64 past 2^31 entries). `splat_bags`, `blur_bags` and `slice_bags`
-    give the three steps as `Bags`, optionally with a per-point scale folded in.
+    give the three steps as `Bags`; `passes()` the whole filter, as applied by `filter`.
     """
 
     def __init__(self, features: Tensor):
@@ -105,10 +96,11 @@ class PermutohedralLattice:
         rank, remainder0, weight = _enclosing_simplex(features.float())
         keys, self._key_code = _vertex_keys(rank, remainder0)
         self._index_vertices(keys)
+        self._class_weight = weight                              # (d+1, N): splat order
         self.weight = weight.t().contiguous()
         self._splat: Optional[Bags] = None
-        self._passes: Dict[bool, List[Bags]] = {}
         self._blur: Optional[List[Bags]] = None
+        self._passes: Dict[bool, List[Bags]] = {}
         self._slice: Optional[Bags] = None
 
     # ------------------------------------------------------------------------------ building
@@ -153,44 +145,42 @@ class PermutohedralLattice:
         self._splat_entries = torch.empty_like(order).index_copy_(
             0, shift.add_(torch.arange(entries, device=dev)), order)
         self._splat_offsets = new_offsets.to(itype)
-        n1 = self._find_neighbours(codes, group_base)
-        self._set_neighbours(n1, new_id, old_id)
+        self._find_neighbours(codes, group_base, new_id)
 
-    def _find_neighbours(self, codes: List[Tensor], group_base: List[int]) -> Tensor:
-        """(d+1, m) long: the neighbour n1 = key - 1 but key_j + d of each vertex (key order)
-        along each axis j, m where absent. In (class, quotients) form n1 has class c - 1 and
-        quotients shifted by -[c = 0] (all) and +1 (coordinate j): each class's codes, shifted,
-        are looked up in the previous class's sorted codes."""
-        d, m, dev = self.dim, group_base[-1], self.device
+    def _find_neighbours(self, codes: List[Tensor], group_base: List[int], new_id: Tensor) -> None:
+        """Sets `_n1` and `_n2` (d+1, m), the neighbours n1 = key - 1 but key_j + d and
+        n2 = key + 1 but key_j - d (its inverse) of each vertex along each axis j, m where
+        absent. In (class, quotients) form n1 has class c - 1 and quotients shifted by -[c = 0]
+        (all) and +1 (coordinate j): each class's codes, shifted, are looked up in the
+        previous class's sorted codes. new_id: key order -> vertex number."""
+        d, m, dev, itype = self.dim, group_base[-1], self.device, self.index_dtype
         radix_total, strides, total_stride = self._key_code
         axis_shift = torch.tensor(strides + [0], dtype=codes[0].dtype, device=dev)[:, None]
-        n1 = torch.empty(d + 1, m, dtype=torch.long, device=dev)
+        new_or_absent = torch.cat([new_id, new_id.new_full((1,), m)]).to(itype)
+        n1 = torch.empty(d + 1, m, dtype=itype, device=dev)
         for c in range(d + 1):
             target = (c - 1) % (d + 1)
-            lookup = _lookup(codes[target], radix_total)
             queries = (codes[c] - (total_stride if c == 0 else 0)) + axis_shift   # (d+1, m_c)
-            found = lookup(queries.view(-1)).view(d + 1, -1)
-            n1[:, group_base[c]:group_base[c + 1]] = torch.where(found >= 0, found + group_base[target], m)
-        return n1
+            found = _lookup(codes[target], radix_total)(queries.view(-1))
+            found = torch.where(found >= 0, found + group_base[target], m)
+            n1.index_copy_(1, new_id[group_base[c]:group_base[c + 1]],
+                           new_or_absent.index_select(0, found).view(d + 1, -1))
+        n2 = torch.full((d + 1, m + 1), m, dtype=itype, device=dev)
+        n2.scatter_(1, n1.long(), torch.arange(m, dtype=itype, device=dev).expand_as(n1))
+        self._n1, self._n2 = n1, n2[:, :m]
 
-    def _set_neighbours(self, n1: Tensor, new_id: Tensor, old_id: Tensor) -> None:
-        """`neighbours` (d+1, 2, m) in the new numbering: n1 given (key order), n2 its inverse
-        (n2(n1(v)) = v); the absent ones (= m) all land in a spare column m, dropped after."""
-        m = self.num_vertices
-        new_or_absent = torch.cat([new_id, new_id.new_full((1,), m)])
-        n1 = torch.stack([new_or_absent.index_select(0, row.index_select(0, old_id)) for row in n1])
-        n2 = torch.full((self.dim + 1, m + 1), m, dtype=torch.long, device=self.device)
-        n2.scatter_(1, n1, torch.arange(m, device=self.device).expand_as(n1))
-        self.neighbours = torch.stack([n1, n2[:, :m]], 1).to(self.index_dtype)
+    @property
+    def neighbours(self) -> Tensor:
+        """(d+1, 2, num_vertices): n1 and n2 of each vertex along each axis (absent = m)."""
+        return torch.stack([self._n1, self._n2], 1)
 
     # ------------------------------------------------------------------------------ operators
     def splat_bags(self) -> Bags:
         """(N, C) -> (num_vertices, C): barycentric-weighted sums at the vertices."""
         if self._splat is None:
-            points = self._splat_entries % self.num_points
-            classes = torch.div(self._splat_entries, self.num_points, rounding_mode="floor")
-            weights = self.weight.view(-1).index_select(0, points * (self.dim + 1) + classes)
-            self._splat = Bags(points.to(self.index_dtype), self._splat_offsets, weights)
+            points = (self._splat_entries % self.num_points).to(self.index_dtype)
+            weights = self._class_weight.reshape(-1).index_select(0, self._splat_entries)
+            self._splat = Bags(points, self._splat_offsets, weights)
         return self._splat
 
     def slice_bags(self) -> Bags:
@@ -206,7 +196,7 @@ class PermutohedralLattice:
         row holding n1 (if present), the vertex itself, n2 (if present)."""
         if self._blur is None:
             m, axes, dev = self.num_vertices, self.dim + 1, self.device
-            n1, n2 = self.neighbours.unbind(1)
+            n1, n2 = self._n1, self._n2
             has1, has2 = n1 < m, n2 < m
             rows = _offsets((has1.int() + has2.int() + 1).view(-1))        # all axes, one run
             at1 = rows[:-1].view(axes, m)
@@ -215,9 +205,9 @@ class PermutohedralLattice:
             dump = torch.full_like(at1, total)                               # absent: a spare slot
             indices = torch.empty(total + 1, dtype=self.index_dtype, device=dev)
             own = torch.arange(m, dtype=self.index_dtype, device=dev).expand(axes, m)
-            for at, values in ((at1, n1), (at_own, own), (at_own + 1, n2)):
-                keep = values < m
-                indices.index_copy_(0, torch.where(keep, at, dump).view(-1), values.reshape(-1))
+            indices.index_copy_(0, at_own.view(-1), own.reshape(-1))
+            indices.index_copy_(0, torch.where(has1, at1, dump).view(-1), n1.view(-1))
+            indices.index_copy_(0, torch.where(has2, at_own + 1, dump).view(-1), n2.reshape(-1))
             weights = torch.full((total,), 0.5, device=dev).index_fill_(0, at_own.view(-1), 1.0)
             self._blur = []
             for j in range(axes):
@@ -226,19 +216,50 @@ class PermutohedralLattice:
                     self.index_dtype), weights[lo:hi]))
         return self._blur
 
+    def blur_map(self, axes: List[int]) -> Bags:
+        """The blur steps along `axes` (applied in that order) as one map, 3^len(axes) entries
+        a row: every path from the vertex through a neighbour (or itself) per step, weighted
+        by the product of [1/2, 1, 1/2]. A path through an absent neighbour keeps weight 0 and
+        stays on the row it would leave (padding: nothing to compact)."""
+        m, dev = self.num_vertices, self.device
+        paths = [torch.arange(m, dtype=self.index_dtype, device=dev)]
+        weights = [torch.ones(m, device=dev)]
+        for axis in reversed(axes):                  # the last step applied is the first hop
+            hops, hop_weights = [], []
+            for path, weight in zip(paths, weights):
+                for side, factor in ((self._n1, 0.5), (None, 1.0), (self._n2, 0.5)):
+                    if side is None:
+                        hops.append(path)
+                        hop_weights.append(weight)
+                        continue
+                    nxt = side[axis].index_select(0, path)
+                    present = nxt < m
+                    hops.append(torch.where(present, nxt, path))
+                    hop_weights.append(weight * present * factor)
+            paths, weights = hops, hop_weights
+        width = len(paths)
+        rows = torch.arange(0, width * m + 1, width, dtype=self.index_dtype, device=dev)
+        return Bags(torch.stack(paths, 1).view(-1), rows, torch.stack(weights, 1).view(-1))
+
     def passes(self, reverse: bool = False) -> List[Bags]:
-        """The whole filter as a few maps applied in turn: splat, the blur steps (0..d, or
-        d..0 if reverse) composed in pairs, slice. A pass costs about two entries' worth per
-        output row (embedding_bag here: 7-9 ns a row, 1.3-4 ns an entry) and a pair of steps
-        has 1-1.5x the entries of its two steps, so this filters ~1.2x faster than step by
-        step, the same to float rounding. (Composing the splat or the slice in too repeats
-        entries, a point reached along two paths: no faster.)"""
+        """The whole filter as maps applied in turn: splat, blur (axes 0..d, or d..0 if
+        reverse), slice. The passes are bound by streaming the lattice (num_vertices x C
+        floats) through memory, so where nearly all neighbours are present (a dense lattice:
+        the Gaussian kernel's) the blur goes two steps a pass (`blur_map`: 9 entries a row,
+        1.3x faster here); elsewhere padding costs more than a pass saves (the bilateral
+        kernel's lattice: 1.1x slower), and the steps stay compact (`blur_bags`)."""
         if reverse not in self._passes:
-            steps = self.blur_bags()[::-1] if reverse else self.blur_bags()
-            pairs = [steps[i + 1].compose(steps[i]) if i + 1 < len(steps) else steps[i]
-                     for i in range(0, len(steps), 2)]
-            self._passes[reverse] = [self.splat_bags()] + pairs + [self.slice_bags()]
+            axes = list(range(self.dim, -1, -1)) if reverse else list(range(self.dim + 1))
+            if (self._n1 < self.num_vertices).float().mean() >= _DENSE:
+                blur = [self.blur_map(axes[i:i + 2]) for i in range(0, len(axes), 2)]
+            else:
+                blur = [self.blur_bags()[j] for j in axes]
+            self._passes[reverse] = [self.splat_bags()] + blur + [self.slice_bags()]
         return self._passes[reverse]
+
+    def splat(self, values: Tensor) -> Tensor:
+        """(N, C) -> (num_vertices, C): barycentric-weighted sums at the vertices."""
+        return self.splat_bags().apply(values)
 
     def filter(self, values: Tensor, reverse: bool = False) -> Tensor:
         """Approximate Gaussian filtering of `values` (N, C) over the features."""
@@ -275,8 +296,8 @@ def _enclosing_simplex(f: Tensor):
     # sum, an integer held exactly in float32, says how far the point is off the plane
     v = torch.round(elevated * down)
     remainder0 = v * up
-    if remainder0.abs().max() >= 2 ** 24:
-        raise ValueError("permutohedral lattice: features too large for float32 lattice "
+    if remainder0.abs().max() >= 2 ** 30:                       # held in int32 below
+        raise ValueError("permutohedral lattice: features too large for the lattice "
                          "coordinates; use larger standard deviations")
 
     # rank of each residual coordinate, largest first (ties: the lower index ranks higher),
@@ -352,8 +373,11 @@ def _lookup(keys: Tensor, key_range: int):
         return lambda query: torch.full(query.shape, -1, dtype=torch.long, device=dev)
     bits = max(4, math.ceil(math.log2(8 * m)))
 
-    def slot(x: Tensor) -> Tensor:
-        return ((x.long() * _HASH_MULTIPLIER) >> (32 - bits)) & ((1 << bits) - 1)
+    def slot(x: Tensor) -> Tensor:             # y * A mod 2^32, top bits; y < 2^31: no overflow
+        y = x.long()
+        if x.dtype == torch.long:
+            y = (y ^ (y >> 31)) & 0x7FFFFFFF
+        return ((y * _HASH_MULTIPLIER) & 0xFFFFFFFF) >> (32 - bits)
 
     key_slots = slot(keys)
     shared = torch.bincount(key_slots, minlength=1 << bits) > 1

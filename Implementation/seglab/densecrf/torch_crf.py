@@ -8,7 +8,8 @@ The same model as pydensecrf's `DenseCRF2D` with one Gaussian and one bilateral 
     message_k(Q) = normalised Gaussian filtering of Q over the kernel's features
     Gaussian features (x, y) / pos_xy_std;  bilateral (x, y) / bi_xy_std, (r, g, b) / bi_rgb_std
 
-Each kernel's filter is a permutohedral lattice (permutohedral.py), built once per image. The
+Each kernel's filter is a permutohedral lattice (permutohedral.py), built once per image (the
+Gaussian kernel's, which depends on the image size alone, once per size: `gaussian_kernel`). The
 normalisation follows pydensecrf, with n = the lattice filtering of ones:
     "after"      message = filter(Q) / n                 (Krähenbühl 2011; DeepLab's CRF binary)
     "symmetric"  message = filter(Q / sqrt(n)) / sqrt(n)  (pydensecrf's default, the 2013 code)
@@ -18,6 +19,7 @@ up to float rounding.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import numpy as np
@@ -51,8 +53,8 @@ class PairwiseKernel:
     """One Potts-weighted, normalised Gaussian kernel on a permutohedral lattice.
 
     The per-pixel normalisation and the Potts weight are folded once into the first and the
-    last of the lattice's filter passes (`PermutohedralLattice.passes`: splat, blur, slice,
-    some composed), so `message(Q)` is a few embedding-bag passes.
+    last of the lattice's filter passes (`PermutohedralLattice.passes`: splat, blur, slice),
+    so `message(Q)` is a few embedding-bag passes.
     `bound` (N,): |weight| * after * filter(before), the largest |message| at each pixel
     (filter(Q) <= filter(1) where 0 <= Q <= 1: the lattice weights are >= 0)."""
 
@@ -82,6 +84,16 @@ class PairwiseKernel:
         for step in self.passes:
             q = step.apply(q)
         return q
+
+
+@functools.lru_cache(maxsize=4)
+def gaussian_kernel(height: int, width: int, xy_std: float, weight: float, normalization: str,
+                    device: torch.device) -> PairwiseKernel:
+    """The position-only kernel, which depends on the image size alone: built once per size
+    and kept for the last 4 sizes (~30 MB each at 500x375; about a third of VOC's images are
+    500x375, W x H). `gaussian_kernel.cache_clear()` empties the cache."""
+    features = kernel_features(height, width, xy_std, device=device)
+    return PairwiseKernel(features, weight, normalization)
 
 
 def _as_tensor(x, name: str, device) -> Tensor:
@@ -126,8 +138,8 @@ def dense_crf(image, unary, iterations: int = 10, bi_w: float = 4.0, bi_xy_std: 
     kernels = []                                   # a zero weight adds nothing: skip it
     with torch.no_grad():
         if pos_w != 0:
-            features = kernel_features(h, w, pos_xy_std, device=dev)
-            kernels.append(PairwiseKernel(features, pos_w, normalization))
+            kernels.append(gaussian_kernel(h, w, float(pos_xy_std), float(pos_w), normalization,
+                                           torch.device(dev)))
         if bi_w != 0:
             features = kernel_features(h, w, bi_xy_std, img, bi_rgb_std)
             kernels.append(PairwiseKernel(features, bi_w, normalization))
@@ -141,9 +153,8 @@ def _mean_field(unary: Tensor, kernels, iterations: int, callback, shape) -> Ten
 
     Softmax as exp(energy - shift) / sum with a per-pixel shift fixed once, max(-U): safe
     while no message can reach +-_EXP_SAFE (the kernels' `bound`); else torch.softmax."""
-    neg_unary = unary.new_empty(unary.shape[::-1])                     # (N, C), a copy
-    torch.neg(unary.t(), out=neg_unary)
-    neg_unary -= neg_unary.amax(1, keepdim=True)
+    shifted = unary.amin(0, keepdim=True) - unary                     # -U - max(-U), exactly
+    neg_unary = shifted.new_empty(unary.shape[::-1]).copy_(shifted.t())   # (N, C)
     bound = sum((k.bound for k in kernels), torch.zeros_like(neg_unary[:, 0]))
     fast_softmax = bool(bound.max() < _EXP_SAFE)
 
@@ -157,11 +168,11 @@ def _mean_field(unary: Tensor, kernels, iterations: int, callback, shape) -> Ten
     if callback is not None:
         callback(0, q.t().reshape(shape))
     for it in range(1, iterations + 1):
-        energy = neg_unary
-        for kernel in kernels:                     # a new tensor first, then in place
+        energy = None                              # -U + messages, in the C++'s order
+        for kernel in kernels:                     # (summed in a message's fresh buffer)
             message = kernel.message(q)
-            energy = energy + message if energy is neg_unary else energy.add_(message)
-        q = normalise(energy.clone() if energy is neg_unary else energy)
+            energy = message.add_(neg_unary) if energy is None else energy.add_(message)
+        q = normalise(neg_unary.clone() if energy is None else energy)
         if callback is not None:
             callback(it, q.t().reshape(shape))
     return q

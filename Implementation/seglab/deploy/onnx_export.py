@@ -34,7 +34,6 @@ the upsampling of `full_resolution_logits`) is the same.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -89,6 +89,9 @@ def open_session(path, device: str = "cpu", threads: int = 0):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = int(threads)
+    # no busy-waiting between runs: the upsampling and argmax that follow each run (PyTorch)
+    # need the same cores (measured: faster end to end, and much steadier under load)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [PROVIDERS["cpu"]]
     if kind == "cuda":
         index = int(device.split(":")[1]) if ":" in device else 0

@@ -170,18 +170,35 @@ def quantize_checkpoint(source, out, calibration, count: int = DEFAULT_CROPS,
 # torchao PT2E: int8 in PyTorch (X86 Inductor quantizer)
 # ---------------------------------------------------------------------------------------------
 
+def drop_zero_additions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove `x + 0` nodes (Python's sum() starts from 0: DeepLab v2's ASPP sum exports as
+    add(conv, 0)), which the X86 quantizer's conv + add pattern cannot annotate (it asserts)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in (torch.ops.aten.add.Tensor,
+                                                          torch.ops.aten.add.Scalar) \
+                and len(node.args) == 2 and isinstance(node.args[1], (int, float)) \
+                and node.args[1] == 0 and node.kwargs.get("alpha", 1) == 1:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def quantize_pt2e(source, crops, msc: bool = False, compile: bool = True):
     """An int8 PyTorch module of a checkpoint (or model) through torchao's PT2E flow, calibrated
     on `crops` (normalised (1, 3, h, w) tensors). With `compile`, the result is torch.compile'd
     (Inductor freezing on, which the int8 oneDNN lowering needs); the first call per input size
-    then compiles."""
+    then compiles. Raises ValueError when the quantizer found nothing to quantise: it matches
+    convolutions by the module that made them (nn.Conv2d itself; a subclass with its own forward,
+    like the TF-SAME conv of deeplabv3_mnv2_tf, is not recognised in torchao 0.18)."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     model = torch_predictor(source, msc=msc).model.eval()
     crops = iter(crops)
     first = next(crops)
     with torch.no_grad():
-        exported = torch.export.export(model, (first,)).module()
+        exported = drop_zero_additions(torch.export.export(model, (first,)).module())
         quantizer = xiq.X86InductorQuantizer().set_global(
             xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(exported, quantizer)
@@ -189,6 +206,11 @@ def quantize_pt2e(source, crops, msc: bool = False, compile: bool = True):
         for x in crops:
             prepared(x)
         converted = convert_pt2e(prepared)
+    quantised = sum(1 for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target))
+    if not quantised:
+        raise ValueError("torchao's X86 Inductor quantizer annotated no operation of this "
+                         "network (it recognises convolutions by their nn.Conv2d module); use "
+                         "the onnxruntime path (export.py int8)")
     if not compile:
         return converted
     import torch._inductor.config as inductor_config

@@ -21,6 +21,8 @@ Fields:
   prepare_inference  optional (net, options) -> net: exact speed rewrites for inference
                   (BN folding, in-place activations, the shifted ASPP); the default is net.eval()
   owns_state_dict optional (state_dict) -> bool: whether foreign weights are of this form
+  training_options  options that shape no tensor (lr multipliers, BN momentum, output stride):
+                  a checkpoint made with other values still fits the network
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class Architecture:
     loss_weights: tuple = (1.0,)
     prepare_inference: Optional[Callable] = None
     owns_state_dict: Optional[Callable[[dict], bool]] = None
+    training_options: tuple = ()
 
     def __post_init__(self):
         if self.input_norm not in INPUT_NORMS:

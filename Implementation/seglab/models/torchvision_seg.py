@@ -151,7 +151,8 @@ def _architecture(name: str) -> Architecture:
         train_outputs="aux" if aux else "msc",
         loss_weights=(1.0, 0.5) if aux else (1.0,),  # the reference's; train.aux_weight rules
         prepare_inference=fold_batchnorm,
-        owns_state_dict=functools.partial(owns_state_dict, name))
+        owns_state_dict=functools.partial(owns_state_dict, name),
+        training_options=("aux_lr_mult",))
 
 
 def owns_state_dict(name: str, state_dict: dict) -> bool:

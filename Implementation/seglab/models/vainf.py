@@ -216,16 +216,16 @@ class VainFDeepLab(nn.Module):
 
 
 def make_backbone(name: str, output_stride: int, plus: bool):
-    """(IntermediateLayerGetter, out channels, low-level channels)."""
+    """(IntermediateLayerGetter returning "out" and, for v3+, "low_level"; out channels;
+    low-level channels)."""
     if name == "mobilenet":
-        net, layers, channels = MobileNetV2(output_stride), ("high_level_features",
-                                                           "low_level_features"), (320, 24)
+        net = MobileNetV2(output_stride)
+        out, low, channels = "high_level_features", "low_level_features", (320, 24)
     else:
-        dilate = [False, output_stride == 8, True]
         builder = {"resnet50": resnet50, "resnet101": resnet101}[name]
-        net, layers, channels = (builder(weights=None, replace_stride_with_dilation=dilate),
-                                 ("layer4", "layer1"), (2048, 256))
-    returns = {layers[0]: "out", layers[1]: "low_level"} if plus else {layers[0]: "out"}
+        net = builder(weights=None, replace_stride_with_dilation=[False, output_stride == 8, True])
+        out, low, channels = "layer4", "layer1", (2048, 256)
+    returns = {out: "out", low: "low_level"} if plus else {out: "out"}
     return IntermediateLayerGetter(net, return_layers=returns), channels[0], channels[1]
 
 
@@ -271,7 +271,8 @@ def _architecture(form: str, backbone: str) -> Architecture:
         output_stride=(lambda arch: 4) if plus else (lambda arch: int(arch["output_stride"])),
         param_groups=param_groups, train_outputs="msc", loss_weights=(1.0,),
         prepare_inference=fold_batchnorm,
-        owns_state_dict=functools.partial(owns_state_dict, name))
+        owns_state_dict=functools.partial(owns_state_dict, name),
+        training_options=("backbone_lr_mult", "bn_momentum", "output_stride"))
 
 
 def owns_state_dict(name: str, state_dict: dict) -> bool:

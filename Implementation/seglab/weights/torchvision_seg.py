@@ -35,17 +35,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy._core.multiarray import scalar as numpy_scalar
+
+try:  # numpy 2 (numpy 1 calls the module numpy.core)
+    from numpy._core.multiarray import scalar as numpy_scalar
+except ImportError:  # pragma: no cover
+    from numpy.core.multiarray import scalar as numpy_scalar
 
 from seglab.checkpoint import FORMATS_READ
 from seglab.models import ARCHITECTURES, build_model, normalize_arch
 from seglab.weights.common import ConversionError, add_num_batches_tracked, merge_into
 
 # Plain data that training scripts put next to the weights: numpy scalars (VainF's best_score,
-# pickled by numpy 1 or 2), argparse.Namespace (torchvision's reference `args`).
-SAFE_GLOBALS = [(numpy_scalar, "numpy.core.multiarray.scalar"), numpy_scalar, np.dtype,
-                np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType,
-                argparse.Namespace]
+# pickled by numpy 1 or 2, whose names differ), argparse.Namespace (torchvision's reference
+# `args`).
+SAFE_GLOBALS = [(numpy_scalar, "numpy.core.multiarray.scalar"),
+                (numpy_scalar, "numpy._core.multiarray.scalar"), np.dtype, argparse.Namespace] + [
+    getattr(np.dtypes, t) for t in ("Float64DType", "Float32DType", "Int64DType")
+    if hasattr(np, "dtypes")]
 WRAPPERS = ("model_state", "model", "state_dict")
 HELP = ("a torchvision segmentation weight file (deeplabv3_*, fcn_*, lraspp_*; the architecture "
         "is read from its keys), or NAME=FILE: an ImageNet ResNet/MobileNetV3 file as the "

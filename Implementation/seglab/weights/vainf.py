@@ -67,12 +67,14 @@ def identify(state_dict: dict) -> str | None:
     return f"{form}_resnet{depth}_vainf" if depth else None
 
 
-def options(state_dict: dict, path) -> dict:
-    """The arch options the weights imply: separable head convs, the output stride from the
-    file name (`_os8`), else 16."""
+def options(state_dict: dict, path) -> tuple[dict, str]:
+    """The arch options the weights imply (separable head convs; the output stride from the
+    file name, `_os8`, else 16) and where the output stride came from."""
     separable = any(k.startswith("classifier.") and ".body.0." in k for k in state_dict)
     match = re.search(r"(?:^|[_-])os(8|16)(?:\D|$)", Path(str(path)).name.lower())
-    return dict(separable=separable, output_stride=int(match.group(1)) if match else 16)
+    stride = int(match.group(1)) if match else 16
+    why = f"{stride}, from the file name" if match else "16, VainF's default (not in the name)"
+    return dict(separable=separable, output_stride=stride), why
 
 
 def imagenet_backbone(state_dict: dict, name: str) -> tuple[dict, list]:
@@ -117,9 +119,10 @@ def convert(args) -> dict:
                                   "keys backbone.* and classifier.*); ImageNet backbones go as "
                                   "NAME=FILE, torchvision's files through `convert.py "
                                   "torchvision-seg`")
-        arch = dict(name=name, num_classes=args.num_classes or file_classes(sd, name),
-                    **options(sd, path))
+        implied, why = options(sd, path)
+        arch = dict(name=name, num_classes=args.num_classes or file_classes(sd, name), **implied)
         result = load_with_classes(arch, dict(sd), args.seed)
+        result["provenance"] = dict(output_stride=why)
         if "voc" in Path(str(path)).name.lower():
             args.trained_on = args.trained_on or "train_aug"
     return dict(arch=normalize_arch(arch), skipped=[], **result)
