@@ -95,7 +95,8 @@ def cmd_apply(args, cfg: dict) -> int:
     jobs = [CRFJob(i, str(paths[i]), str(cache_path(args.cache, i)), str(out / f"{i}.png"))
             for i in ids]
     results, failures = run_crf(jobs, params, cfg["crf"]["workers"] or None,
-                                cfg["crf"]["backend"], crf_device(cfg), cfg["model"]["interp"])
+                                cfg["crf"]["backend"], crf_device(cfg), cfg["model"]["interp"],
+                                mode=cfg["eval"]["mode"])
     write_failures(out, failures)
     print(f"wrote {len(results)} CRF label PNGs to {out}")
     return 1 if failures else 0
@@ -152,7 +153,8 @@ def cmd_search(args, cfg: dict) -> int:
     jobs = [CRFJob(i, str(dataset.image_path(index[i])), str(cache_path(args.cache, i)),
                    gt_path=str(dataset.label_path(index[i]))) for i in ids]
     grid_results = score_grid(jobs, settings, cfg["crf"]["workers"] or None,
-                              cfg["crf"]["backend"], crf_device(cfg), cfg["model"]["interp"])
+                              cfg["crf"]["backend"], crf_device(cfg), cfg["model"]["interp"],
+                              mode=cfg["eval"]["mode"])
     rows, baseline, failures = search(jobs, settings, grid=grid_results)
     write_failures(out, failures)
     if len({r["images"] for r in rows}) > 1:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -68,7 +67,7 @@ def photo_images(n: int, folder: Path) -> list:
     if not files:
         raise SystemExit(f"bench_crf_torch: no .jpg files in {folder} (--photos wants a folder "
                          "of photographs, e.g. VOC2012/JPEGImages)")
-    return [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    return [np.array(Image.open(f).convert("RGB")) for f in files]          # writable
 
 
 def make_scenes(n: int, seed: int = 0, photos: Path | None = None):

@@ -1,7 +1,9 @@
 """The pure-PyTorch dense CRF (crf_torch.py) and its permutohedral lattice (permutohedral.py).
 
-References written another way: pydensecrf (Krähenbühl's C++ lattice) on generated scenes, and an
-exact O(N^2) mean field with explicit Gaussian kernels on a tiny image.
+References written another way: pydensecrf (Krähenbühl's C++ lattice) on generated scenes, an
+exact O(N^2) mean field with explicit Gaussian kernels on a tiny image, the filter taken step by
+step (against the fused passes), a Python dict (against the vertex lookups), and clusters filtered
+apart (against the int64-code path).
 """
 import numpy as np
 import pytest

@@ -221,3 +221,31 @@ def test_cache_for_an_image_of_another_size_is_recomputed(tmp_path, checkpoint, 
     again = run(checkpoint, data_root, out)
     assert len(count_forwards) == 4 and "recomputing" in capsys.readouterr().err
     assert again["miou"] == first["miou"]
+
+
+@pytest.mark.parametrize("mode", ["torchvision", "vainf"])
+def test_resizing_protocols_score_the_resized_labels(tmp_path, checkpoint, data_root, mode):
+    """torchvision: shorter side to 520, scored at that size; vainf: shorter side to 513 and
+    the centre 513 crop. The saved predictions are compared with the label resized by hand
+    (PIL nearest, then the crop), independently of seglab/data/protocols.py."""
+    out = tmp_path / mode
+    scores = run(checkpoint, data_root, out, mode=mode, crf=True, crf_workers=1)
+    correct = total = 0
+    for image_id in VAL_IDS:
+        pred = np.array(Image.open(out / "pred" / f"{image_id}.png"))
+        gt = Image.open(voc_file(data_root, "SegmentationClass", image_id, "png"))  # 64x48
+        side = 520 if mode == "torchvision" else 513
+        gt = np.array(gt.resize((int(side * 64 / 48), side), Image.NEAREST))
+        if mode == "vainf":
+            left = int(round((gt.shape[1] - 513) / 2.0))
+            gt = gt[:, left:left + 513]
+        assert pred.shape == gt.shape == ((520, 693) if mode == "torchvision" else (513, 513))
+        valid = gt != 255
+        correct += int((pred[valid] == gt[valid]).sum())
+        total += int(valid.sum())
+        crf_pred = np.array(Image.open(out / "pred_crf" / f"{image_id}.png"))
+        assert crf_pred.shape == gt.shape
+    assert scores["pixel_acc"] == pytest.approx(correct / total, abs=1e-12)
+    assert scores["mode"] == mode and "crf" in scores
+    again = run(checkpoint, data_root, out, mode=mode)  # the cache fits the protocol's sizes
+    assert again["network_images"] == 0

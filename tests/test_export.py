@@ -24,6 +24,7 @@ from seglab.data.transforms import normalize  # noqa: E402
 from seglab.deploy import load_predictor  # noqa: E402
 from seglab.deploy.onnx_export import TOLERANCE, check_inputs, compare_with_torch  # noqa: E402
 from seglab.deploy.onnx_file import ExportError, open_session  # noqa: E402
+from seglab.deploy.quantize import calibration_crops, quantize_pt2e  # noqa: E402
 from seglab.deploy.runtime import OnnxPredictor  # noqa: E402
 from seglab.inference.predictor import Predictor  # noqa: E402
 from seglab.models import build_model  # noqa: E402
@@ -181,6 +182,24 @@ def test_int8_file_is_quantised_per_channel_and_agrees_with_fp32(files, demo):
         b, lb = f.predict(image, pad_to=81)
         assert not torch.equal(la, lb)  # really another computation
         same, total = same + int((a == b).sum()), total + a.size
+    assert same / total >= 0.97
+
+
+def test_pt2e_int8_module_is_quantised_and_agrees_with_fp32(files, demo):
+    """torchao's PT2E flow (X86 Inductor quantizer), uncompiled: quantize/dequantize nodes
+    around the convolutions, calibrated on demo crops, labels close to fp32 on other images."""
+    crops = calibration_crops(demo, 4, 65, "caffe", split="train")
+    module = quantize_pt2e(files["ckpt"], crops, compile=False)
+    targets = [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
+    assert sum("dequantize_per_channel" in t for t in targets) >= 10  # per-channel weights
+    fp32 = Predictor(files["ckpt"], device="cpu", msc_scales=())
+    same = total = 0
+    for path in sorted((demo / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("val*.jpg")):
+        x, _ = fp32.transform("voc", 81)(load_image(path))
+        with torch.no_grad():
+            a, b = module(x[None])[0], fp32.logits(x)
+        assert not torch.equal(a, b)
+        same, total = same + int((a.argmax(0) == b.argmax(0)).sum()), total + a[0].numel()
     assert same / total >= 0.97
 
 

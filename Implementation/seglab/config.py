@@ -72,7 +72,8 @@ DEFAULTS = {
         "tensorboard": False,
     },
     "eval": {
-        "mode": "voc",                # voc: pad to 513, upsample, crop; full: whole image
+        "mode": "voc",                # voc: pad to 513, upsample, crop; full: whole image;
+                                      # torchvision / vainf: those references' protocols
         "pad_to": 513,
         "after_train": True,          # evaluate the final model on data.val_split
         "crf": True,                  # ... and also score it with the dense CRF
@@ -112,7 +113,7 @@ CHOICES = {
     "model.interp": ("caffe", "pytorch"),
     "train.loss_targets": ("caffe", "nearest"),
     "train.precision": ("fp32", "bf16"),
-    "eval.mode": ("voc", "full"),
+    "eval.mode": ("voc", "full", "torchvision", "vainf"),
     "eval.precision": ("fp32", "bf16"),
     "eval.msc_fusion": ("max", "mean"),
     "crf.normalization": tuple(NORMALIZATIONS),

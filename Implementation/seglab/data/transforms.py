@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from seglab.data.labels import IGNORE
+from seglab.data.protocols import PROTOCOLS, protocol_image
 
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -145,12 +146,14 @@ class EvalTransform:
                  of the form stride x k + 1 instead (8k + 1 at output stride 8), so the
                  network's output grid still lands on pixels.
     mode "full": the normalised image as it is.
+    modes "torchvision", "vainf": resized (and cropped) as those references evaluate
+                 (seglab/data/protocols.py), then as it is.
     (H, W) is the original size, to crop predictions back to.
     """
 
     def __init__(self, mode: str = "voc", pad_to: int = 513, norm: str = "caffe", stride: int = 8):
         _check_norm(norm)
-        if mode not in ("voc", "full"):
+        if mode not in PROTOCOLS:
             raise ValueError(f"unknown evaluation mode {mode!r}; use 'voc' (pad to {pad_to}) or "
                              "'full' (the image as it is)")
         self.mode, self.pad_to, self.norm, self.stride = mode, int(pad_to), norm, int(stride)
@@ -159,6 +162,7 @@ class EvalTransform:
         return f"EvalTransform(mode={self.mode!r}, pad_to={self.pad_to}, norm={self.norm!r})"
 
     def __call__(self, image: np.ndarray):
+        image = protocol_image(self.mode, image)
         size = tuple(image.shape[:2])
         normalised = normalize_array(image, self.norm)
         if self.mode == "voc":

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from seglab.data.images import load_image
+from seglab.data.protocols import protocol_image
 from seglab.densecrf import torch_crf
 from seglab.densecrf.params import NORMALIZATIONS, CRFParams
 from seglab.evaluation.logit_cache import load_logits
@@ -127,9 +128,10 @@ class DenseCRF:
         return np.array(d.inference(p.iterations), dtype=np.float32)
 
 
-def load_crf_inputs(image_path, logits_path, interp: str = "caffe"):
-    """(image (H, W, 3) uint8, unary (C, H*W) float32) for one image and its cached logits."""
-    image = load_image(image_path)
+def load_crf_inputs(image_path, logits_path, interp: str = "caffe", mode: str = "voc"):
+    """(image (H, W, 3) uint8, unary (C, H*W) float32) for one image and its cached logits;
+    `mode`: the evaluation protocol that made them (a resizing one resizes the image too)."""
+    image = protocol_image(mode, load_image(image_path))
     logits, input_size, size = load_logits(logits_path)
     if not torch.isfinite(logits).all():
         bad = int((~torch.isfinite(logits)).sum())

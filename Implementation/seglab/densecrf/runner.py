@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from seglab.data.labels import load_label, save_label_png
+from seglab.data.protocols import protocol_label
 from seglab.densecrf.dense_crf import DenseCRF, load_crf_inputs, resolve_backend
 from seglab.densecrf.params import CRFParams
 from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator
@@ -62,17 +63,18 @@ class _Settings(NamedTuple):
     interp: str
     return_labels: bool
     trimap_widths: tuple | None
+    mode: str = "voc"               # the evaluation protocol the cached logits were made with
 
 
 # The last image a worker prepared: the search runs every setting on one image in a row.
 _PREPARED: dict = {}
 
 
-def _prepare(job: CRFJob, interp: str):
+def _prepare(job: CRFJob, interp: str, mode: str = "voc"):
     key = (job.image_path, job.logits_path, interp)
     if key not in _PREPARED:
         _PREPARED.clear()
-        _PREPARED[key] = load_crf_inputs(job.image_path, job.logits_path, interp)
+        _PREPARED[key] = load_crf_inputs(job.image_path, job.logits_path, interp, mode)
     return _PREPARED[key]
 
 
@@ -81,13 +83,16 @@ def _run_job(item: tuple[int, CRFJob, _Settings]):
     index, job, s = item
     started, cpu_started = time.time(), time.process_time()
     try:
-        image, unary = _prepare(job, s.interp)
+        image, unary = _prepare(job, s.interp, s.mode)
         h, w = image.shape[:2]
         crf = DenseCRF(job.params or s.params, s.backend, s.device)
         pred = crf.infer(image, unary).argmax(0).reshape(h, w).astype(np.uint8)
         confusion = trimap = None
         if job.gt_path is not None:
-            gt = load_label(job.gt_path, image_size=(h, w), num_classes=unary.shape[0])
+            gt = protocol_label(s.mode, load_label(job.gt_path, num_classes=unary.shape[0]))
+            if gt.shape != (h, w):
+                raise ValueError(f"label {job.gt_path} is {gt.shape[1]}x{gt.shape[0]} (WxH) "
+                                 f"under the {s.mode!r} protocol, its image {w}x{h}")
             confusion = ConfusionMatrix(unary.shape[0]).update(pred, gt)
             if s.trimap_widths:
                 trimap = TrimapEvaluator(s.trimap_widths, unary.shape[0]).update(pred, gt)
@@ -115,7 +120,8 @@ def default_workers(backend: str = "pydensecrf", device: str = "cpu") -> int:
 def iter_crf(jobs: Iterable, params: CRFParams | None = None, workers: int | None = None,
              backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
              return_labels: bool = False, trimap_widths=None, progress: bool = True,
-             desc: str = "CRF", unit: str = "img") -> Iterator[tuple[int, CRFResult | CRFFailure]]:
+             desc: str = "CRF", unit: str = "img",
+             mode: str = "voc") -> Iterator[tuple[int, CRFResult | CRFFailure]]:
     """Run the CRF on every job and yield (job index, result or failure) as they complete.
 
     workers=1 runs in this process; more start a "spawn" pool (one torch thread per worker,
@@ -123,7 +129,7 @@ def iter_crf(jobs: Iterable, params: CRFParams | None = None, workers: int | Non
     jobs = [job if isinstance(job, CRFJob) else CRFJob(*job) for job in jobs]
     backend = resolve_backend(backend)  # the workers get the backend that is there
     settings = _Settings(params or CRFParams(), backend, device, interp, return_labels,
-                         tuple(trimap_widths) if trimap_widths else None)
+                         tuple(trimap_widths) if trimap_widths else None, mode)
     DenseCRF(settings.params, backend, device)  # fail here, not in every worker
     workers = min(workers or default_workers(backend, device), max(1, len(jobs)))
     items = [(i, job, settings) for i, job in enumerate(jobs)]
@@ -158,10 +164,11 @@ class CRFStream:
 
     def __init__(self, params: CRFParams | None = None, workers: int | None = None,
                  backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
-                 trimap_widths=None, progress: bool = True, desc: str = "CRF"):
+                 trimap_widths=None, progress: bool = True, desc: str = "CRF",
+                 mode: str = "voc"):
         backend = resolve_backend(backend)
         self.settings = _Settings(params or CRFParams(), backend, device, interp, False,
-                                  tuple(trimap_widths) if trimap_widths else None)
+                                  tuple(trimap_widths) if trimap_widths else None, mode)
         DenseCRF(self.settings.params, backend, device)  # fail here, not in every worker
         workers = workers or default_workers(backend, device)
         self.pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
@@ -210,7 +217,7 @@ class CRFStream:
 def run_crf(jobs: Iterable, params: CRFParams | None = None, workers: int | None = None,
             backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
             return_labels: bool = False, trimap_widths=None, progress: bool = True,
-            desc: str = "CRF") -> tuple[list[CRFResult], list[CRFFailure]]:
+            desc: str = "CRF", mode: str = "voc") -> tuple[list[CRFResult], list[CRFFailure]]:
     """Run the CRF on every job: (results, failures), each in job order.
 
     A job is a CRFJob or a tuple (image_id, image_path, logits_npz_path, out_png_path_or_None
@@ -218,7 +225,7 @@ def run_crf(jobs: Iterable, params: CRFParams | None = None, workers: int | None
     logits (logit_cache.full_resolution_logits), runs the CRF, writes the PNG if asked, and
     returns the labels (return_labels=True) and/or the confusion matrix against gt_path."""
     done = sorted(iter_crf(jobs, params, workers, backend, device, interp, return_labels,
-                           trimap_widths, progress, desc), key=lambda pair: pair[0])
+                           trimap_widths, progress, desc, mode=mode), key=lambda pair: pair[0])
     results = [out for _, out in done if isinstance(out, CRFResult)]
     failures = [out for _, out in done if isinstance(out, CRFFailure)]
     return results, failures

@@ -36,7 +36,7 @@ def pick_subset(ids: Iterable[str], num_images: int, seed: int = 0) -> list[str]
 
 def score_grid(image_jobs: list[CRFJob], settings: list[CRFParams], workers: int | None = None,
                backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
-               progress: bool = True):
+               progress: bool = True, mode: str = "voc"):
     """Run every setting, and the no-CRF baseline first, on every image (jobs must carry
     gt_path). Returns (candidates = [baseline] + settings, confusions[k][image_id],
     failures). Jobs are (image, setting) pairs, image-major, so a worker prepares each image
@@ -52,7 +52,7 @@ def score_grid(image_jobs: list[CRFJob], settings: list[CRFParams], workers: int
     failures = []
     for _, out in iter_crf(jobs, None, workers, backend, device, interp, progress=progress,
                            desc=f"CRF search ({len(candidates)} settings incl. no CRF x "
-                                f"{len(image_jobs)} images)", unit="run"):
+                                f"{len(image_jobs)} images)", unit="run", mode=mode):
         if isinstance(out, CRFFailure):
             failures.append(out)
         else:

@@ -11,9 +11,13 @@ paths for x86 CPUs:
                        VNNI (u8 x s8 products then accumulate without saturation).
   quantize_pt2e        torchao's PT2E flow (torchao.quantization.pt2e; PyTorch 2.14 moved it out
                        of torch.ao): torch.export, the X86 Inductor quantizer's default static
-                       config (uint8 activations per tensor, int8 weights per channel), observers,
-                       calibration, convert; `torch.compile` then lowers it to oneDNN int8
-                       kernels. In-process only (the benchmark's second int8 path).
+                       config (uint8 activations per tensor with histogram observers, int8
+                       weights per channel), calibration, convert; `torch.compile` then lowers it
+                       to oneDNN int8 kernels. In-process only (the benchmark's second int8
+                       path), and only for networks its pattern matcher takes: DeepLab v2
+                       single scale yes; the TF-SAME convolutions of deeplabv3_mnv2_tf (an
+                       nn.Conv2d subclass with its own forward) and DeepLab v2's MSC graph no, and
+                       it says so (ValueError) instead of returning an unquantised module.
 
 Calibration data (`calibration_crops`): `count` crops of `crop` x `crop` pixels, made as training
 makes them (seglab/data/transforms.py TrainTransform: random scale 0.5-1.5, pad with the mean
@@ -198,10 +202,18 @@ def quantize_pt2e(source, crops, msc: bool = False, compile: bool = True):
     crops = iter(crops)
     first = next(crops)
     with torch.no_grad():
-        exported = drop_zero_additions(torch.export.export(model, (first,)).module())
+        # calibrate on crops, run on whole images: height and width stay symbolic (DYNAMIC:
+        # guards that the solver cannot prove, like Caffe's ceil-mode pooling rule, do not fail)
+        dims = ({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},)
+        exported = drop_zero_additions(
+            torch.export.export(model, (first,), dynamic_shapes=dims).module())
         quantizer = xiq.X86InductorQuantizer().set_global(
             xiq.get_default_x86_inductor_quantization_config())
-        prepared = prepare_pt2e(exported, quantizer)
+        try:
+            prepared = prepare_pt2e(exported, quantizer)
+        except (AssertionError, NotImplementedError, ValueError) as e:  # a pattern it rejects
+            raise ValueError(f"torchao's X86 Inductor quantizer cannot take this network ({e}); "
+                             "use the onnxruntime path (export.py int8)") from e
         prepared(first)
         for x in crops:
             prepared(x)

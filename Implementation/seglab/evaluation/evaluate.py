@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from seglab.data.labels import class_names, load_label, save_label_png
 from seglab.data.loaders import eval_loader
+from seglab.data.protocols import PROTOCOLS, protocol_label, protocol_size
 from seglab.data.registry import eval_dataset
 from seglab.data.transforms import EvalTransform
 from seglab.densecrf.params import CRFParams, crf_params_from_config
@@ -83,8 +84,8 @@ class EvalSettings:
     crf_workers: int = 0                 # 0: all cores
 
     def __post_init__(self):
-        if self.mode not in ("voc", "full"):
-            raise ValueError(f"mode must be 'voc' or 'full', got {self.mode!r}")
+        if self.mode not in PROTOCOLS:
+            raise ValueError(f"mode must be one of {PROTOCOLS}, got {self.mode!r}")
 
     @classmethod
     def from_config(cls, cfg: dict, **overrides) -> "EvalSettings":
@@ -159,7 +160,7 @@ def prepare_cache(cache_dir: Path, key: dict, recompute: bool) -> None:
         write_json(info, key)
 
 
-def cached_indices(dataset, indices, cache_dir: Path) -> set:
+def cached_indices(dataset, indices, cache_dir: Path, mode: str = "voc") -> set:
     """The images whose cache file is readable and for an image of its label's size (else the
     data set changed under the cache)."""
     cached = set()
@@ -173,7 +174,7 @@ def cached_indices(dataset, indices, cache_dir: Path) -> set:
             print(f"{e} Recomputing it.", file=sys.stderr)
             continue
         with Image.open(dataset.label_path(i)) as label_file:
-            label_size = (label_file.height, label_file.width)
+            label_size = protocol_size(mode, (label_file.height, label_file.width))
         if size == label_size:
             cached.add(i)
         else:
@@ -202,7 +203,8 @@ def network_pass(predictor, dataset, missing, cache_dir, s: EvalSettings, progre
                                       f"{sample['id']}: the weights are broken (NaN/Inf); no "
                                       "scores were written")
             save_logits(cache_path(cache_dir, sample["id"]), logits,
-                        tuple(sample["image"].shape[-2:]), tuple(int(v) for v in sample["size"]))
+                        tuple(sample["image"].shape[-2:]),
+                        protocol_size(s.mode, [int(v) for v in sample["size"]]))
             if on_cached is not None:
                 on_cached(sample["id"])
     return time.perf_counter() - started
@@ -215,7 +217,10 @@ def score_pass(dataset, indices, cache_dir, out_dir, interp, s: EvalSettings, pr
     for i in tqdm(indices, desc=f"scoring ({s.split})", unit="img", disable=not progress):
         image_id = dataset.ids[i]
         logits, input_size, size = load_logits(cache_path(cache_dir, image_id))
-        gt = dataset.load_label(i, size)
+        gt = protocol_label(s.mode, dataset.load_label(i))
+        if gt.shape != tuple(size):
+            raise EvaluationError(f"label {dataset.label_path(i)} is {gt.shape} under the "
+                                  f"{s.mode!r} protocol, its cached logits {tuple(size)}")
         pred = full_resolution_logits(logits, input_size, size, interp).argmax(0)
         pred = pred.to(torch.uint8).numpy()
         confusion.update(pred, gt)
@@ -232,7 +237,8 @@ def crf_stream(dataset, out_dir, cache_dir, predictor, s: EvalSettings, progress
     index = {image_id: i for i, image_id in enumerate(dataset.ids)}
     stream = CRFStream(s.crf_params, s.crf_workers or None, s.crf_backend,
                        str(predictor.device) if s.crf_backend == "torch" else "cpu",
-                       predictor.interp, s.trimap_widths, progress, desc=f"CRF ({s.split})")
+                       predictor.interp, s.trimap_widths, progress, desc=f"CRF ({s.split})",
+                       mode=s.mode)
 
     def submit(image_id: str) -> None:
         i = index[image_id]
@@ -271,6 +277,53 @@ def scores_of(confusion, trimap, facts: dict) -> dict:
 # The evaluation
 # ---------------------------------------------------------------------------------------------
 
+def make_predictor(checkpoint_or_model, s: EvalSettings):
+    """The Predictor (or ONNX predictor) for the settings, checked against the data set."""
+    predictor = (checkpoint_or_model if isinstance(checkpoint_or_model, Predictor) else
+                 load_predictor(checkpoint_or_model, device=s.device, precision=s.precision,
+                                norm=s.norm, msc_scales=s.msc_scales, interp=s.interp,
+                                flip=s.flip, msc_fusion=s.msc_fusion))
+    if predictor.num_classes != s.num_classes:
+        raise EvaluationError(f"the model predicts {predictor.num_classes} classes but the data "
+                              f"set has {s.num_classes}: score it with "
+                              f"data.num_classes={predictor.num_classes}")
+    if predictor.checkpoint:
+        warn_if_trained_on(predictor.checkpoint, s.split)
+    return predictor
+
+
+def open_split(predictor, s: EvalSettings):
+    """(data set with the evaluation transform, the indices to score)."""
+    transform = EvalTransform(mode=s.mode, pad_to=s.pad_to, norm=predictor.norm,
+                              stride=predictor.output_stride)
+    dataset = eval_dataset(s, transform)
+    indices = list(range(len(dataset)))[:s.limit] if s.limit else list(range(len(dataset)))
+    if not indices:
+        raise EvaluationError(f"the {s.split!r} split of {s.data_root} is empty: nothing to "
+                              "score. Check the split list.")
+    return dataset, indices
+
+
+def run_network(predictor, dataset, indices, cache_dir, out_dir, s: EvalSettings, progress):
+    """Cache the logits of every image (network pass for those not cached), streaming each
+    image into the CRF as soon as its logits exist. Returns (CRF stream or None, images the
+    network ran on, seconds)."""
+    cached = cached_indices(dataset, indices, cache_dir, s.mode)
+    missing = [i for i in indices if i not in cached]
+    stream, submit = (crf_stream(dataset, out_dir, cache_dir, predictor, s, progress)
+                      if s.crf else (None, None))
+    try:
+        for i in indices:
+            if i in cached and submit is not None:
+                submit(dataset.ids[i])
+        seconds = network_pass(predictor, dataset, missing, cache_dir, s, progress, submit)
+    except BaseException:
+        if stream is not None:
+            stream.abort()
+        raise
+    return stream, len(missing), seconds
+
+
 def evaluate(checkpoint_or_model, settings: EvalSettings | None = None, out_dir=None,
              show_progress: bool = True) -> dict:
     """Score a model on `settings.split` of its data set.
@@ -286,23 +339,8 @@ def evaluate(checkpoint_or_model, settings: EvalSettings | None = None, out_dir=
             raise ValueError("out_dir is required when evaluating an in-memory model")
         out_dir = default_out_dir(checkpoint_or_model, s.split)
     out_dir, cache_dir = Path(out_dir), Path(out_dir) / "logits"
-    predictor = (checkpoint_or_model if isinstance(checkpoint_or_model, Predictor) else
-                 load_predictor(checkpoint_or_model, device=s.device, precision=s.precision,
-                           norm=s.norm, msc_scales=s.msc_scales, interp=s.interp, flip=s.flip,
-                           msc_fusion=s.msc_fusion))
-    if predictor.num_classes != s.num_classes:
-        raise EvaluationError(f"the model predicts {predictor.num_classes} classes but the data "
-                              f"set has {s.num_classes}: score it with "
-                              f"data.num_classes={predictor.num_classes}")
-    if predictor.checkpoint:
-        warn_if_trained_on(predictor.checkpoint, s.split)
-    transform = EvalTransform(mode=s.mode, pad_to=s.pad_to, norm=predictor.norm,
-                              stride=predictor.output_stride)
-    dataset = eval_dataset(s, transform)
-    indices = list(range(len(dataset)))[:s.limit] if s.limit else list(range(len(dataset)))
-    if not indices:
-        raise EvaluationError(f"the {s.split!r} split of {s.data_root} is empty: nothing to "
-                              "score. Check the split list.")
+    predictor = make_predictor(checkpoint_or_model, s)
+    dataset, indices = open_split(predictor, s)
     source = (str(checkpoint_or_model) if isinstance(checkpoint_or_model, (str, Path))
               else "in-memory model")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -313,41 +351,28 @@ def evaluate(checkpoint_or_model, settings: EvalSettings | None = None, out_dir=
                                              precision=predictor.precision,
                                              device=str(predictor.device),
                                              norm=predictor.norm, predictor=predictor.settings()))
-
-    cached = cached_indices(dataset, indices, cache_dir)
-    missing = [i for i in indices if i not in cached]
-    stream, submit = (crf_stream(dataset, out_dir, cache_dir, predictor, s, show_progress)
-                      if s.crf else (None, None))
-    try:
-        for i in indices:
-            if i in cached and submit is not None:
-                submit(dataset.ids[i])
-        seconds = network_pass(predictor, dataset, missing, cache_dir, s, show_progress, submit)
-    except BaseException:
-        if stream is not None:
-            stream.abort()
-        raise
+    stream, ran, seconds = run_network(predictor, dataset, indices, cache_dir, out_dir, s,
+                                       show_progress)
     names = dataset.class_names if hasattr(dataset, "class_names") else class_names(s.num_classes)
     facts = dict(split=s.split, num_images=len(indices), checkpoint=source,
                  identity=predictor.identity, mode=s.mode, pad_to=s.pad_to,
                  msc_scales=list(predictor.msc_scales), interp=predictor.interp,
                  norm=predictor.norm, precision=predictor.precision,
-                 network_images=len(missing), network_seconds=round(seconds, 3),
-                 class_names=names)
+                 network_images=ran, network_seconds=round(seconds, 3), class_names=names)
     scores = scores_of(*score_pass(dataset, indices, cache_dir, out_dir, predictor.interp, s,
                                    show_progress), facts)
     write_json(out_dir / "scores.json", scores)
     report = [f"{s.split} ({len(indices)} images, {s.mode} protocol, {predictor.precision})",
               format_table(scores, names), f"mIoU (no CRF): {100 * scores['miou']:.2f}%"]
     if s.crf:
-        crf_scores = scores_of(*crf_scores_of(stream, s),
-                               dict(facts, crf_params=s.crf_params.to_dict(),
-                                    crf_backend=s.crf_backend))
-        write_json(out_dir / "scores_crf.json", crf_scores)
-        scores["crf"] = crf_scores
+        scores["crf"] = scores_of(*crf_scores_of(stream, s),
+                                  dict(facts, crf_params=s.crf_params.to_dict(),
+                                       crf_backend=s.crf_backend))
+        write_json(out_dir / "scores_crf.json", scores["crf"])
         report += ["", f"{s.split} with the dense CRF ({s.crf_backend}, "
                        f"{s.crf_params.iterations} mean-field iterations)",
-                   format_table(crf_scores, names), f"mIoU (CRF): {100 * crf_scores['miou']:.2f}%"]
+                   format_table(scores["crf"], names),
+                   f"mIoU (CRF): {100 * scores['crf']['miou']:.2f}%"]
     text = "\n".join(report)
     (out_dir / "per_class.txt").write_text(text + "\n")
     print(text)

@@ -128,6 +128,23 @@ def build_training_model(cfg: dict, device, resume: dict | None):
     return model, net, optimizer, start, init_note
 
 
+def prepare(cfg: dict, device, resume: dict | None, world: int):
+    """(model in train mode, DDP-wrapped when distributed; bare network, with `init_note`;
+    optimizer; first iteration), seeded and checked."""
+    t = cfg["train"]
+    if t["precision"] == "bf16" and not bf16_supported(device):
+        raise TrainingError(f"train.precision=bf16 is not supported on {device} here (no "
+                            "AVX512-BF16/AMX or CUDA bf16); use train.precision=fp32")
+    if t["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(t["seed"])
+    model, net, optimizer, start, net.init_note = build_training_model(cfg, device, resume)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model.train(), net, optimizer, start
+
+
 def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
           show_progress: bool = True) -> Path:
     """Run stage one on `dataset`; returns the path of the final checkpoint. Raises
@@ -136,19 +153,9 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
     rank, world, local_rank = setup_distributed()
     device = select_device(cfg["run"]["device"], local_rank)
     t = cfg["train"]
-    if t["precision"] == "bf16" and not bf16_supported(device):
-        raise TrainingError(f"train.precision=bf16 is not supported on {device} here (no "
-                            "AVX512-BF16/AMX or CUDA bf16); use train.precision=fp32")
-    if t["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(t["seed"])
     accum = accumulation_steps(cfg, world)
-    model, net, optimizer, start, init_note = build_training_model(cfg, device, resume)
+    model, net, optimizer, start = prepare(cfg, device, resume, world)
     spec = architecture(net.arch)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    model.train()
     batches = train_loader(dataset, t["batch_per_step"], t["seed"],
                            start=start * t["effective_batch"], num_workers=cfg["data"]["workers"],
                            rank=rank, world_size=world)
@@ -157,7 +164,7 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
     if rank == 0:
         log = CSVLog(run_dir / "log.csv", ["iteration", "lr", "loss"] +
                      [f"loss_{n}" for n in names] + ["images_per_s", "seconds"], start)
-        print(f"run folder: {run_dir}\ninit: {init_note}\ntraining {net.arch['name']} on "
+        print(f"run folder: {run_dir}\ninit: {net.init_note}\ntraining {net.arch['name']} on "
               f"{len(dataset)} images ({cfg['data']['train_split']}), {world} process(es) x "
               f"batch {t['batch_per_step']} x {accum} accumulation = effective batch "
               f"{t['effective_batch']}, device {device}", file=sys.stderr)

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import torch
+from torchvision.models import ResNet101_Weights
 
 from seglab.checkpoint import sha256
 from seglab.models import build_model
@@ -51,7 +52,7 @@ def torchvision_to_ours(state_dict: dict) -> dict:
 
 
 def _torchvision_download():
-    from torchvision.models import ResNet101_Weights
+    """torchvision's own download of its ImageNet ResNet-101 (cached in torch.hub's folder)."""
     weights = ResNet101_Weights.IMAGENET1K_V1
     sd = weights.get_state_dict(progress=True)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name

@@ -155,15 +155,21 @@ def file_classes(mapped: dict, name: str) -> int:
     return shapes.pop()
 
 
+def imagenet_resnet_names(state_dict: dict, name: str) -> dict:
+    """{key: backbone.key} for an ImageNet ResNet file of the depth architecture `name` has
+    (the classifier `fc` left out); a file of another depth is refused."""
+    depth = resnet_depth(state_dict, "")
+    if f"resnet{depth}_" not in name:
+        raise ConversionError(f"the file is not the ImageNet ResNet of {name} (its layer3 "
+                              f"has the blocks of ResNet-{depth or '?'})")
+    return {k: f"backbone.{k}" for k in state_dict if not k.startswith("fc.")}
+
+
 def imagenet_backbone(state_dict: dict, name: str) -> tuple[dict, list]:
     """An ImageNet classification state_dict (torchvision ResNet / MobileNetV3-Large) as the
     `backbone.*` tensors of architecture `name`: (mapped, dropped keys: the classifier)."""
     if "resnet" in name:
-        depth = resnet_depth(state_dict, "")
-        if f"resnet{depth}_" not in name:
-            raise ConversionError(f"the file is not the ImageNet ResNet of {name} (its layer3 "
-                                  f"has the blocks of ResNet-{depth or '?'})")
-        rename = {k: f"backbone.{k}" for k in state_dict if not k.startswith("fc.")}
+        rename = imagenet_resnet_names(state_dict, name)
     else:
         if not any(k.startswith("features.16.") for k in state_dict):
             raise ConversionError("the file is not torchvision's ImageNet MobileNetV3-Large "

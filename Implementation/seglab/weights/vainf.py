@@ -37,8 +37,8 @@ from pathlib import Path
 
 from seglab.models import normalize_arch
 from seglab.weights.common import ConversionError
-from seglab.weights.torchvision_seg import (file_classes, load_state, load_with_classes,
-                                            resnet_depth, split_input)
+from seglab.weights.torchvision_seg import (file_classes, imagenet_resnet_names, load_state,
+                                            load_with_classes, resnet_depth, split_input)
 
 HELP = ("a VainF/DeepLabV3Plus-Pytorch checkpoint (best_deeplabv3plus_resnet101_voc_os16.pth, "
         "...; the architecture is read from its keys), or NAME=FILE: an ImageNet "
@@ -81,11 +81,7 @@ def imagenet_backbone(state_dict: dict, name: str) -> tuple[dict, list]:
     """torchvision's ImageNet ResNet / MobileNetV2 as the `backbone.*` tensors of `name`:
     (mapped, dropped keys)."""
     if "resnet" in name:
-        depth = resnet_depth(state_dict, "")
-        if f"resnet{depth}_" not in name:
-            raise ConversionError(f"the file is not the ImageNet ResNet of {name} (its layer3 "
-                                  f"has the blocks of ResNet-{depth or '?'})")
-        rename = {k: f"backbone.{k}" for k in state_dict if not k.startswith("fc.")}
+        rename = imagenet_resnet_names(state_dict, name)
     else:
         last = state_dict.get("features.18.0.weight")
         if last is None or tuple(last.shape[:2]) != (1280, 320):
