@@ -56,7 +56,7 @@ import torch
 from seglab.data.images import load_image
 from seglab.data.labels import load_label
 from seglab.deploy.onnx_file import read_metadata
-from seglab.deploy.quantize import calibration_crops, quantize_onnx, quantize_pt2e
+from seglab.deploy.quantize import CalibrationCrops, quantize_onnx, quantize_pt2e
 from seglab.deploy.runtime import OnnxPredictor
 from seglab.deploy.onnx_export import export_onnx
 from seglab.evaluation.metrics import ConfusionMatrix
@@ -179,7 +179,7 @@ def int8_ort(fp32_onnx: Path, out: Path, calibration, crops: int, crop: int,
              threads: int) -> OnnxPredictor:
     """An int8 file of `fp32_onnx`, calibrated on `crops` training crops of `calibration`."""
     meta = read_metadata(fp32_onnx)
-    quantize_onnx(fp32_onnx, out, calibration_crops(calibration, crops, crop, meta["norm"]),
+    quantize_onnx(fp32_onnx, out, CalibrationCrops(calibration, crops, crop, meta["norm"]),
                   calibration=str(calibration), crop=crop)
     return OnnxPredictor(out, device="cpu", threads=threads)
 
@@ -190,7 +190,7 @@ NOTES = []
 def int8_pt2e(ckpt, calibration, crops: int, crop: int, msc: bool, like: Predictor):
     """The PT2E row, or None (with a note) where torchao's quantizer cannot take the network."""
     try:
-        module = quantize_pt2e(ckpt, calibration_crops(calibration, crops, crop, like.norm),
+        module = quantize_pt2e(ckpt, CalibrationCrops(calibration, crops, crop, like.norm),
                                msc=msc)
     except ValueError as e:
         NOTES.append(f"int8 pt2e skipped for {Path(str(ckpt)).name}: {e}")

@@ -24,7 +24,7 @@ from seglab.data.transforms import normalize  # noqa: E402
 from seglab.deploy import load_predictor  # noqa: E402
 from seglab.deploy.onnx_export import TOLERANCE, check_inputs, compare_with_torch  # noqa: E402
 from seglab.deploy.onnx_file import ExportError, open_session  # noqa: E402
-from seglab.deploy.quantize import calibration_crops, quantize_pt2e  # noqa: E402
+from seglab.deploy.quantize import CalibrationCrops, quantize_pt2e  # noqa: E402
 from seglab.deploy.runtime import OnnxPredictor  # noqa: E402
 from seglab.inference.predictor import Predictor  # noqa: E402
 from seglab.models import build_model  # noqa: E402
@@ -188,7 +188,7 @@ def test_int8_file_is_quantised_per_channel_and_agrees_with_fp32(files, demo):
 def test_pt2e_int8_module_is_quantised_and_agrees_with_fp32(files, demo):
     """torchao's PT2E flow (X86 Inductor quantizer), uncompiled: quantize/dequantize nodes
     around the convolutions, calibrated on demo crops, labels close to fp32 on other images."""
-    crops = calibration_crops(demo, 4, 65, "caffe", split="train")
+    crops = CalibrationCrops(demo, 4, 65, "caffe", split="train")
     module = quantize_pt2e(files["ckpt"], crops, compile=False)
     targets = [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
     assert sum("dequantize_per_channel" in t for t in targets) >= 10  # per-channel weights

@@ -19,15 +19,17 @@ paths for x86 CPUs:
                        nn.Conv2d subclass with its own forward) and DeepLab v2's MSC graph no, and
                        it says so (ValueError) instead of returning an unquantised module.
 
-Calibration data (`calibration_crops`): `count` crops of `crop` x `crop` pixels, made as training
+Calibration data (`CalibrationCrops`): `count` crops of `crop` x `crop` pixels, made as training
 makes them (seglab/data/transforms.py TrainTransform: random scale 0.5-1.5, pad with the mean
 colour, random crop, mirror), drawn from the training split of a VOC-layout data root or from
 every image under a plain folder, deterministic for a seed. A few hundred crops by default (the
 usual PTQ budget: activation ranges stop moving well before that); tests use a handful.
-Calibration method: MinMax (each activation's observed range, merged over the crops). Its
-augmented graph returns only a min and a max per tensor, so memory does not grow with the number
-of crops; onnxruntime's histogram calibrators (Percentile, Entropy) keep every activation of every
-crop in memory until the end, which a ResNet-101 at 321 x 321 cannot afford for hundreds of crops.
+Calibration methods (onnxruntime's calibrators): "minmax" (each activation's observed range over
+all crops; the default), "percentile" (the range that holds 99.999% of its values: rare outliers
+clipped) and "entropy" (the range that minimises the KL divergence of the quantised histogram).
+The crops are fed a few at a time (onnxruntime's strided collection): the histogram calibrators
+would otherwise keep every activation of every crop in memory until the end, which a ResNet-101
+cannot afford for hundreds of crops.
 """
 from __future__ import annotations
 
@@ -49,8 +51,9 @@ from seglab.deploy.onnx_export import (check_inputs, compare_with_torch, export_
 from seglab.deploy.onnx_file import INPUT, OUTPUT, open_session, read_metadata, write_onnx
 from seglab.inference.batch import find_images
 
-METHODS = ("minmax",)
+METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_CROPS, DEFAULT_CROP = 300, 321
+PERCENTILE = 99.999   # "percentile": each activation's range covers this share of its values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,65 +76,109 @@ def calibration_sources(root, split: str = "train_aug") -> list[Path]:
     return [path for path, _ in images]
 
 
-def calibration_crops(root, count: int = DEFAULT_CROPS, crop: int = DEFAULT_CROP,
-                      norm: str = "caffe", split: str = "train_aug", seed: int = 0,
-                      scales=VOC_SCALES):
-    """Yield `count` normalised training crops (1, 3, crop, crop): crop k comes from image
-    k mod len(images) (shuffled once by `seed`) with its own random scale, crop and mirror."""
-    paths = calibration_sources(root, split)
-    order = np.random.default_rng(seed).permutation(len(paths))
-    transform = TrainTransform(crop=crop, scales=scales, mirror=True, norm=norm)
-    for k in range(count):
-        image = load_image(paths[order[k % len(paths)]])
-        dummy = np.zeros(image.shape[:2], np.uint8)
-        x, _ = transform(image, dummy, np.random.default_rng([seed, k]))
-        yield x[None]
+class CalibrationCrops:
+    """`count` normalised training crops (1, 3, crop, crop), made on the fly (a few hundred
+    513 x 513 crops would be a gigabyte in memory): crop k comes from image k mod len(images)
+    (the images shuffled once by `seed`) with its own random scale, crop and mirror."""
+
+    def __init__(self, root, count: int = DEFAULT_CROPS, crop: int = DEFAULT_CROP,
+                 norm: str = "caffe", split: str = "train_aug", seed: int = 0,
+                 scales=VOC_SCALES):
+        self.paths = calibration_sources(root, split)
+        self.count, self.seed = int(count), seed
+        self.order = np.random.default_rng(seed).permutation(len(self.paths))
+        self.transform = TrainTransform(crop=crop, scales=scales, mirror=True, norm=norm)
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        for k in range(self.count):
+            image = load_image(self.paths[self.order[k % len(self.paths)]])
+            dummy = np.zeros(image.shape[:2], np.uint8)
+            x, _ = self.transform(image, dummy, np.random.default_rng([self.seed, k]))
+            yield x[None]
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over an iterator of crops."""
+    """onnxruntime's CalibrationDataReader protocol over `count` crops from an iterator, served
+    in chunks (`set_range`, which quantize_static's "CalibStridedMinMax" option drives) so that
+    the histogram calibrators hold one chunk's activations at a time, not every crop's."""
 
-    def __init__(self, crops):
-        self.crops, self.seen = iter(crops), 0
+    def __init__(self, crops, count: int):
+        self.crops, self.count, self.seen, self.left = iter(crops), count, 0, count
+
+    def __len__(self):
+        return self.count
+
+    def set_range(self, start_index: int, end_index: int):
+        self.left = end_index - start_index
 
     def get_next(self):
-        x = next(self.crops, None)
+        x = next(self.crops, None) if self.left > 0 else None
         if x is None:
             return None
-        self.seen += 1
+        self.seen, self.left = self.seen + 1, self.left - 1
         return {INPUT: x.numpy()}
-
-    def rewind(self):  # the MinMax calibrator never rewinds; histogram ones do not either
-        raise RuntimeError("calibration crops can be read once")
 
 
 # ---------------------------------------------------------------------------------------------
 # onnxruntime: static QDQ quantisation of an ONNX file
 # ---------------------------------------------------------------------------------------------
 
+def classifier_convs(path) -> list[str]:
+    """The convolutions nearest the graph output (walking back through everything else: the
+    ASPP sum, MSC's resize and max): the layers that write the logits."""
+    graph = onnx.load_model(str(path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    found, stack, seen = [], [o.name for o in graph.output], set()
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == "Conv":
+            found.append(node.name)
+        else:
+            stack.extend(node.input)
+    return found
+
+
 def quantize_onnx(fp32_path, out, crops, method: str = "minmax", per_channel: bool = True,
-                  **facts) -> dict:
-    """Quantise an fp32 file of ours to int8 QDQ, calibrated on `crops`; copies its metadata
-    with precision "int8" and a `quantization` record. Returns that metadata."""
+                  float_classifier: bool = False, chunk: int = 4, **facts) -> dict:
+    """Quantise an fp32 file of ours to int8 QDQ, calibrated on `crops` (a sized iterable of
+    (1, 3, h, w) tensors, e.g. CalibrationCrops; read once, `chunk` at a time) with `method`;
+    copies its metadata with precision "int8" and a `quantization` record, returned.
+    `float_classifier` keeps the convolutions that write the logits in float (their int8
+    output would round the logits, and with them the argmax, to 1/255 of their range)."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
     meta = read_metadata(fp32_path)
     if meta["precision"] != "fp32":
         raise ValueError(f"{fp32_path} is already {meta['precision']}: quantise the fp32 file")
     started = time.perf_counter()
-    reader = _Reader(crops)
+    reader = _Reader(crops, len(crops))
+    chunk = max(1, min(int(chunk), len(crops)))
+    while len(crops) % chunk:  # onnxruntime's strided collection needs equal chunks
+        chunk -= 1
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantised = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        excluded = classifier_convs(prepared) if float_classifier else []
         quantize_static(str(prepared), str(quantised), reader, quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, reduce_range=False,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=calibrate, nodes_to_exclude=excluded,
+                        extra_options={"CalibStridedMinMax": chunk,
+                                       "CalibPercentile": PERCENTILE})
         quantization = dict(runtime="onnxruntime", format="QDQ", method=method,
-                            per_channel=per_channel, activations="uint8 per tensor",
+                            per_channel=per_channel, float_classifier=float_classifier,
+                            float_nodes=excluded, activations="uint8 per tensor",
                             weights="int8 per channel" if per_channel else "int8 per tensor",
                             crops=reader.seen, seconds=round(time.perf_counter() - started, 1),
                             fp32_sha256=sha256(fp32_path), **facts)
@@ -158,7 +205,7 @@ def quantize_checkpoint(source, out, calibration, count: int = DEFAULT_CROPS,
                 raise ValueError(f"int8 calibration of a fixed-size file needs a square size "
                                  f"(crops are square), got {tuple(fixed_size)}")
             crop = int(fixed_size[0])
-        crops = calibration_crops(calibration, count, crop, facts["norm"], split, seed)
+        crops = CalibrationCrops(calibration, count, crop, facts["norm"], split, seed)
         meta = quantize_onnx(fp32, out, crops, calibration=str(calibration), split=split,
                              crop=crop, seed=seed)
         fp32_session = open_session(fp32)
