@@ -34,7 +34,7 @@ from seglab.config import (ConfigError, add_config_arguments, config_flag, confi
 from seglab.config import parse_args as parse_config_args
 from seglab.data.images import DataError, load_image
 from seglab.deploy.onnx_file import ExportError
-from seglab.deploy.quantize import DEFAULT_CROPS, quantize_checkpoint
+from seglab.deploy.quantize import DEFAULT_CROPS, DEFAULT_METHOD, METHODS, quantize_checkpoint
 from seglab.deploy.onnx_export import export_onnx
 from seglab.inference.batch import find_images
 
@@ -68,6 +68,9 @@ def command_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--crops", type=int, default=DEFAULT_CROPS,
                        help=f"number of calibration crops (default {DEFAULT_CROPS})")
         p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+        p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                       help="calibration: minmax (observed ranges), percentile (99.999%% of each "
+                            "activation's values; slower) or entropy (default %(default)s)")
         p.add_argument("--fp32-out", help="also keep the fp32 file here")
     return p
 
@@ -113,7 +116,7 @@ def run(args) -> dict:
     d = cfg["data"]
     return quantize_checkpoint(args.checkpoint, args.out, d["root"], count=args.crops,
                                crop=d["crop"], split=d["train_split"], seed=args.seed,
-                               fp32_out=args.fp32_out, **common)
+                               fp32_out=args.fp32_out, method=args.method, **common)
 
 
 def main(argv=None) -> int:

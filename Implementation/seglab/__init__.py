@@ -1,7 +1,8 @@
 """The library behind the scripts in Implementation/, one sub-package per stage of the pipeline:
 
-  data/        images and labels, data sets (VOC, SBD train_aug, the synthetic demo), transforms,
-               loaders
+  data/        images and labels, the data sets behind one interface (VOC + SBD train_aug,
+               Cityscapes, COCO-Stuff, ADE20K, your own folder, the synthetic demo), transforms,
+               evaluation protocols, loaders, the up-front split check
   models/      the architectures behind one seam (spec.py), MSC, the resizing conventions
   training/    the loss, the poly schedule, the training loop, init weights, resumable state
   evaluation/  metrics, the logit cache, the evaluation of a model on a split
@@ -9,6 +10,7 @@
                its parallel runner and its parameter search
   inference/   device, speed rewrites, the Predictor
   weights/     readers and converters for the published weight files
+  deploy/      ONNX export, int8 quantisation, an ONNX-backed predictor
   figures/     the README's figures
 
 Cross-cutting: config.py (the recipe and its overrides), checkpoint.py (our file format),

@@ -54,6 +54,7 @@ from seglab.inference.batch import find_images
 METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_CROPS, DEFAULT_CROP = 300, 321
 PERCENTILE = 99.999   # "percentile": each activation's range covers this share of its values
+DEFAULT_METHOD = "minmax"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def classifier_convs(path) -> list[str]:
     return found
 
 
-def quantize_onnx(fp32_path, out, crops, method: str = "minmax", per_channel: bool = True,
+def quantize_onnx(fp32_path, out, crops, method: str = DEFAULT_METHOD, per_channel: bool = True,
                   float_classifier: bool = False, chunk: int = 4, **facts) -> dict:
     """Quantise an fp32 file of ours to int8 QDQ, calibrated on `crops` (a sized iterable of
     (1, 3, h, w) tensors, e.g. CalibrationCrops; read once, `chunk` at a time) with `method`;
@@ -190,7 +191,8 @@ def quantize_onnx(fp32_path, out, crops, method: str = "minmax", per_channel: bo
 def quantize_checkpoint(source, out, calibration, count: int = DEFAULT_CROPS,
                         crop: int = DEFAULT_CROP, msc: bool = False, msc_scales=None,
                         split: str = "train_aug", seed: int = 0, fp32_out=None, fixed_size=None,
-                        norm=None, check_images=None, msc_fusion: str = "max") -> dict:
+                        norm=None, check_images=None, msc_fusion: str = "max",
+                        method: str = DEFAULT_METHOD) -> dict:
     """Checkpoint (or model) -> checked fp32 ONNX (`fp32_out`, else a temp file) -> int8 QDQ
     `out`, calibrated on `count` crops of the training images under `calibration` (crops of
     `fixed_size` for a fixed-size file). Returns the int8 file's metadata with "fp32_check"
@@ -206,8 +208,8 @@ def quantize_checkpoint(source, out, calibration, count: int = DEFAULT_CROPS,
                                  f"(crops are square), got {tuple(fixed_size)}")
             crop = int(fixed_size[0])
         crops = CalibrationCrops(calibration, count, crop, facts["norm"], split, seed)
-        meta = quantize_onnx(fp32, out, crops, calibration=str(calibration), split=split,
-                             crop=crop, seed=seed)
+        meta = quantize_onnx(fp32, out, crops, method, calibration=str(calibration),
+                             split=split, crop=crop, seed=seed)
         fp32_session = open_session(fp32)
         inputs = check_inputs(facts["norm"], facts["output_stride"], check_images,
                               fixed_size=facts.get("fixed_size"))

@@ -1,0 +1,1 @@
+"""Inference: the Predictor and its exact speed rewrites, batch inference on files, overlays."""

@@ -1,0 +1,1 @@
+"""Published weight formats: readers and key maps, one module per source."""
