@@ -1,7 +1,7 @@
 """Deploy a checkpoint: ONNX export (fp32) and int8 post-training quantisation.
 
     python Implementation/export.py onnx --checkpoint C --out model.onnx [--msc]
-    python Implementation/export.py int8 --checkpoint C --calibration DATA_ROOT --out int8.onnx
+    python Implementation/export.py int8 --checkpoint C --calibration DATA --out model_int8.onnx
     python Implementation/evaluate.py --checkpoint model_int8.onnx --split val   # runs the file
     python Implementation/infer.py --checkpoint model_int8.onnx photos/
 
@@ -33,9 +33,9 @@ from seglab.config import (ConfigError, add_config_arguments, config_flag, confi
                            explicit_model_settings)
 from seglab.config import parse_args as parse_config_args
 from seglab.data.images import DataError, load_image
+from seglab.deploy.onnx_export import export_onnx
 from seglab.deploy.onnx_file import ExportError
 from seglab.deploy.quantize import DEFAULT_CROPS, DEFAULT_METHOD, METHODS, quantize_checkpoint
-from seglab.deploy.onnx_export import export_onnx
 from seglab.inference.batch import find_images
 
 EXPECTED = (CheckpointError, ConfigError, DataError, ExportError, FileNotFoundError, ValueError,

@@ -2,7 +2,8 @@
 TF Lite interpreter on the same real model.
 
     python bench/bench_deploy.py [--quick] [--reps 7] [--threads N] [--calib-crops 200]
-                                 [--no-pt2e] [--no-r101] [--out bench/results/deploy.json]
+                                 [--method percentile] [--no-pt2e] [--no-r101]
+                                 [--out bench/results/deploy.json]
 
 Models
   real   Google's DeepLab v3 MobileNetV2 (depth 1.0, output stride 16) from
@@ -18,8 +19,10 @@ Rows
   fp16            the same network with fp16 weights and activations, on the CPU: accuracy only
                   (there is no GPU here; CPU fp16 convolutions are not a fast path)
   onnx fp32       the exported file in onnxruntime (export.py onnx)
-  int8 ort        onnxruntime static QDQ int8 (export.py int8), per-channel weights
-  int8 pt2e       torchao PT2E with the X86 Inductor quantizer, torch.compile'd
+  int8 ort        onnxruntime static QDQ int8 (export.py int8), per-channel weights, calibrated
+                  with --method (the ResNet-101, timed only, with minmax on 16 crops)
+  int8 pt2e       torchao PT2E with the X86 Inductor quantizer, torch.compile'd (where its
+                  pattern matcher takes the network; otherwise a note says why not)
   tflite uint8    Google's own quantised file in the TF Lite interpreter (ai_edge_litert): the
                   image padded to 513 with 128 (= 0 after its (x - 128) / 128), its own resize to
                   513 and argmax
@@ -56,9 +59,9 @@ import torch
 from seglab.data.images import load_image
 from seglab.data.labels import load_label
 from seglab.deploy.onnx_file import read_metadata
-from seglab.deploy.quantize import CalibrationCrops, quantize_onnx, quantize_pt2e
-from seglab.deploy.runtime import OnnxPredictor
+from seglab.deploy.quantize import METHODS, CalibrationCrops, quantize_onnx, quantize_pt2e
 from seglab.deploy.onnx_export import export_onnx
+from seglab.deploy.runtime import OnnxPredictor
 from seglab.evaluation.metrics import ConfusionMatrix
 from seglab.inference.predictor import Predictor
 
@@ -175,12 +178,12 @@ def torch_rows(ckpt, msc_scales, fp16: bool) -> dict:
     return rows
 
 
-def int8_ort(fp32_onnx: Path, out: Path, calibration, crops: int, crop: int,
-             threads: int) -> OnnxPredictor:
+def int8_ort(fp32_onnx: Path, out: Path, calibration, crops: int, crop: int, threads: int,
+             method: str) -> OnnxPredictor:
     """An int8 file of `fp32_onnx`, calibrated on `crops` training crops of `calibration`."""
     meta = read_metadata(fp32_onnx)
     quantize_onnx(fp32_onnx, out, CalibrationCrops(calibration, crops, crop, meta["norm"]),
-                  calibration=str(calibration), crop=crop)
+                  method, calibration=str(calibration), crop=crop)
     return OnnxPredictor(out, device="cpu", threads=threads)
 
 
@@ -212,7 +215,7 @@ def real_rows(ckpt, tmp: Path, items, a) -> tuple[dict, object]:
     fold_of = (lambda k: 0 if k < half else 1)
     # the file for fold f is calibrated on the other fold's images
     rows["int8 ort"] = [int8_ort(fp32, tmp / f"real_int8_{f}.onnx", halves[1 - f],
-                                 a.calib_crops, SIZE, a.threads) for f in (0, 1)]
+                                 a.calib_crops, SIZE, a.threads, a.method) for f in (0, 1)]
     if a.pt2e and int8_pt2e(ckpt, halves[1], 1, SIZE, False, rows["fp32"]) is not None:
         rows["int8 pt2e"] = [int8_pt2e(ckpt, halves[1 - f], a.calib_crops, SIZE, False,
                                        rows["fp32"]) for f in (0, 1)]
@@ -228,7 +231,7 @@ def demo_rows(tmp: Path, a) -> dict:
     rows["onnx fp32"] = OnnxPredictor(fp32, device="cpu", threads=a.threads)
     crop = 129  # the demo recipe's training crop (configs/demo.yaml)
     rows["int8 ort"] = int8_ort(fp32, tmp / "demo_int8.onnx", DEMO_DATA, a.calib_crops, crop,
-                                a.threads)
+                                a.threads, a.method)
     if a.pt2e:
         rows["int8 pt2e"] = int8_pt2e(DEMO_CKPT, DEMO_DATA, a.calib_crops, crop, msc,
                                       rows["fp32"])
@@ -318,7 +321,8 @@ def r101_rows(tmp: Path, a) -> tuple[dict, Path]:
     export_onnx(ckpt, fp32, check=False)
     rows["onnx fp32"] = OnnxPredictor(fp32, device="cpu", threads=a.threads)
     calibration = DEMO_DATA if DEMO_DATA.is_dir() else [REAL / "images" / "dog_segmentation.bmp"]
-    rows["int8 ort"] = int8_ort(fp32, tmp / "r101_int8.onnx", calibration, 16, 321, a.threads)
+    rows["int8 ort"] = int8_ort(fp32, tmp / "r101_int8.onnx", calibration, 16, 321, a.threads,
+                                "minmax")  # speed only: the ranges do not change the work
     if a.pt2e:
         rows["int8 pt2e"] = int8_pt2e(ckpt, calibration, 16, 321, False, rows["fp32"])
     return {k: v for k, v in rows.items() if v is not None}, ckpt
@@ -363,6 +367,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
     p.add_argument("--calib-crops", type=int, default=200,
                    help="calibration crops per int8 file (real: per fold; demo)")
+    p.add_argument("--method", choices=METHODS, default="percentile",
+                   help="int8 calibration of the real and demo models (default percentile)")
     p.add_argument("--no-pt2e", dest="pt2e", action="store_false", help="skip torchao PT2E")
     p.add_argument("--no-r101", dest="r101", action="store_false", help="skip the ResNet-101")
     p.add_argument("--out", default=str(RESULTS))

@@ -249,3 +249,12 @@ def test_resizing_protocols_score_the_resized_labels(tmp_path, checkpoint, data_
     assert scores["mode"] == mode and "crf" in scores
     again = run(checkpoint, data_root, out, mode=mode)  # the cache fits the protocol's sizes
     assert again["network_images"] == 0
+
+
+def test_the_streamed_crf_scores_the_same_as_after_the_network(tmp_path, checkpoint, data_root):
+    after = run(checkpoint, data_root, tmp_path / "a", crf=True, crf_workers=2)
+    streamed = run(checkpoint, data_root, tmp_path / "s", crf=True, crf_workers=2,
+                   crf_stream=True)
+    assert streamed["network_images"] == after["network_images"] == 3
+    assert streamed["crf"]["miou"] == after["crf"]["miou"]
+    assert streamed["crf"]["iou"] == after["crf"]["iou"]

@@ -24,7 +24,7 @@ from seglab.data.transforms import normalize  # noqa: E402
 from seglab.deploy import load_predictor  # noqa: E402
 from seglab.deploy.onnx_export import TOLERANCE, check_inputs, compare_with_torch  # noqa: E402
 from seglab.deploy.onnx_file import ExportError, open_session  # noqa: E402
-from seglab.deploy.quantize import CalibrationCrops, quantize_pt2e  # noqa: E402
+from seglab.deploy.quantize import CalibrationCrops, quantize_onnx, quantize_pt2e  # noqa: E402
 from seglab.deploy.runtime import OnnxPredictor  # noqa: E402
 from seglab.inference.predictor import Predictor  # noqa: E402
 from seglab.models import build_model  # noqa: E402
@@ -181,6 +181,19 @@ def test_int8_file_is_quantised_per_channel_and_agrees_with_fp32(files, demo):
         a, la = q.predict(image, pad_to=81)
         b, lb = f.predict(image, pad_to=81)
         assert not torch.equal(la, lb)  # really another computation
+        same, total = same + int((a == b).sum()), total + a.size
+    assert same / total >= 0.97
+
+
+def test_percentile_calibration_reads_every_crop_in_chunks_and_agrees(files, demo, tmp_path):
+    out = tmp_path / "percentile.onnx"
+    crops = CalibrationCrops(demo, 6, 65, "caffe", split="train")
+    meta = quantize_onnx(files["msc"], out, crops, method="percentile", chunk=4)
+    assert meta["precision"] == "int8" and meta["quantization"]["crops"] == 6
+    q, f = OnnxPredictor(out), OnnxPredictor(files["msc"])
+    same = total = 0
+    for path in sorted((demo / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("val*.jpg")):
+        a, b = q.predict(load_image(path), pad_to=81)[0], f.predict(load_image(path), pad_to=81)[0]
         same, total = same + int((a == b).sum()), total + a.size
     assert same / total >= 0.97
 

@@ -91,6 +91,9 @@ DEFAULTS = {
         params="",                    # a CRF parameter JSON (crf.py search's best.json) on top
         backend="pydensecrf",         # pydensecrf (C++) | torch (densecrf/torch_crf.py)
         workers=0,                    # worker processes; 0 = all cores
+        stream=False,                 # run the CRF beside the network pass (evaluate.py): a
+                                      # gain only with cores to spare for both; on 2 cores
+                                      # the two oversubscribe them (bench_stage_two.py)
     ),
     "infer": {
         "max_side": 1025,             # infer.py: longer sides above this run at this size

@@ -33,6 +33,8 @@ cannot afford for hundreds of crops.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -127,31 +129,11 @@ class _Reader:
 # onnxruntime: static QDQ quantisation of an ONNX file
 # ---------------------------------------------------------------------------------------------
 
-def classifier_convs(path) -> list[str]:
-    """The convolutions nearest the graph output (walking back through everything else: the
-    ASPP sum, MSC's resize and max): the layers that write the logits."""
-    graph = onnx.load_model(str(path), load_external_data=False).graph
-    producer = {o: n for n in graph.node for o in n.output}
-    found, stack, seen = [], [o.name for o in graph.output], set()
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or node.name in seen:
-            continue
-        seen.add(node.name)
-        if node.op_type == "Conv":
-            found.append(node.name)
-        else:
-            stack.extend(node.input)
-    return found
-
-
 def quantize_onnx(fp32_path, out, crops, method: str = DEFAULT_METHOD, per_channel: bool = True,
-                  float_classifier: bool = False, chunk: int = 4, **facts) -> dict:
+                  chunk: int = 4, **facts) -> dict:
     """Quantise an fp32 file of ours to int8 QDQ, calibrated on `crops` (a sized iterable of
     (1, 3, h, w) tensors, e.g. CalibrationCrops; read once, `chunk` at a time) with `method`;
-    copies its metadata with precision "int8" and a `quantization` record, returned.
-    `float_classifier` keeps the convolutions that write the logits in float (their int8
-    output would round the logits, and with them the argmax, to 1/255 of their range)."""
+    copies its metadata with precision "int8" and a `quantization` record, returned."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -170,16 +152,15 @@ def quantize_onnx(fp32_path, out, crops, method: str = DEFAULT_METHOD, per_chann
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantised = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        excluded = classifier_convs(prepared) if float_classifier else []
-        quantize_static(str(prepared), str(quantised), reader, quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, reduce_range=False,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=calibrate, nodes_to_exclude=excluded,
-                        extra_options={"CalibStridedMinMax": chunk,
-                                       "CalibPercentile": PERCENTILE})
+        with contextlib.redirect_stdout(io.StringIO()):  # its per-chunk progress prints
+            quantize_static(str(prepared), str(quantised), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, reduce_range=False,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=calibrate,
+                            extra_options={"CalibStridedMinMax": chunk,
+                                           "CalibPercentile": PERCENTILE})
         quantization = dict(runtime="onnxruntime", format="QDQ", method=method,
-                            per_channel=per_channel, float_classifier=float_classifier,
-                            float_nodes=excluded, activations="uint8 per tensor",
+                            per_channel=per_channel, activations="uint8 per tensor",
                             weights="int8 per channel" if per_channel else "int8 per tensor",
                             crops=reader.seen, seconds=round(time.perf_counter() - started, 1),
                             fp32_sha256=sha256(fp32_path), **facts)

@@ -82,6 +82,7 @@ class EvalSettings:
     crf_params: CRFParams = dataclasses.field(default_factory=CRFParams)
     crf_backend: str = "pydensecrf"
     crf_workers: int = 0                 # 0: all cores
+    crf_stream: bool = False             # CRF beside the network pass (needs spare cores)
 
     def __post_init__(self):
         if self.mode not in PROTOCOLS:
@@ -99,7 +100,8 @@ class EvalSettings:
                        save_predictions=e["save_predictions"], recompute=e["recompute"],
                        flip=e["flip"], msc_fusion=e["msc_fusion"], crf=e["crf"],
                        crf_params=crf_params_from_config(c),
-                       crf_backend=c["backend"], crf_workers=c["workers"])
+                       crf_backend=c["backend"], crf_workers=c["workers"],
+                       crf_stream=c["stream"])
         return dataclasses.replace(settings, **overrides)
 
     def to_dict(self) -> dict:
@@ -310,6 +312,13 @@ def run_network(predictor, dataset, indices, cache_dir, out_dir, s: EvalSettings
     network ran on, seconds)."""
     cached = cached_indices(dataset, indices, cache_dir, s.mode)
     missing = [i for i in indices if i not in cached]
+    if not s.crf_stream:  # the network pass first, then the CRF on every core
+        seconds = network_pass(predictor, dataset, missing, cache_dir, s, progress)
+        stream, submit = (crf_stream(dataset, out_dir, cache_dir, predictor, s, progress)
+                          if s.crf else (None, None))
+        for i in indices if s.crf else ():
+            submit(dataset.ids[i])
+        return stream, len(missing), seconds
     stream, submit = (crf_stream(dataset, out_dir, cache_dir, predictor, s, progress)
                       if s.crf else (None, None))
     try:
