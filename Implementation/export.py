@@ -71,6 +71,9 @@ def command_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                        help="calibration: minmax (observed ranges), percentile (99.999%% of each "
                             "activation's values; slower) or entropy (default %(default)s)")
+        p.add_argument("--float-linear", action="store_true",
+                       help="keep the convolutions that no activation follows (MobileNetV2's "
+                            "linear bottlenecks, the classifier) in float")
         p.add_argument("--fp32-out", help="also keep the fp32 file here")
     return p
 
@@ -116,7 +119,8 @@ def run(args) -> dict:
     d = cfg["data"]
     return quantize_checkpoint(args.checkpoint, args.out, d["root"], count=args.crops,
                                crop=d["crop"], split=d["train_split"], seed=args.seed,
-                               fp32_out=args.fp32_out, method=args.method, **common)
+                               fp32_out=args.fp32_out, method=args.method,
+                               float_linear=args.float_linear, **common)
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 TF Lite interpreter on the same real model.
 
     python bench/bench_deploy.py [--quick] [--reps 7] [--threads N] [--calib-crops 200]
-                                 [--method percentile] [--no-pt2e] [--no-r101]
+                                 [--method minmax] [--no-pt2e] [--no-r101]
                                  [--out bench/results/deploy.json]
 
 Models
@@ -21,6 +21,8 @@ Rows
   onnx fp32       the exported file in onnxruntime (export.py onnx)
   int8 ort        onnxruntime static QDQ int8 (export.py int8), per-channel weights, calibrated
                   with --method (the ResNet-101, timed only, with minmax on 16 crops)
+  int8 ort, linear fp32   the same with the convolutions no activation follows in float
+                  (export.py int8 --float-linear; the real model only)
   int8 pt2e       torchao PT2E with the X86 Inductor quantizer, torch.compile'd (where its
                   pattern matcher takes the network; otherwise a note says why not)
   tflite uint8    Google's own quantised file in the TF Lite interpreter (ai_edge_litert): the
@@ -58,9 +60,9 @@ import torch
 
 from seglab.data.images import load_image
 from seglab.data.labels import load_label
+from seglab.deploy.onnx_export import export_onnx
 from seglab.deploy.onnx_file import read_metadata
 from seglab.deploy.quantize import METHODS, CalibrationCrops, quantize_onnx, quantize_pt2e
-from seglab.deploy.onnx_export import export_onnx
 from seglab.deploy.runtime import OnnxPredictor
 from seglab.evaluation.metrics import ConfusionMatrix
 from seglab.inference.predictor import Predictor
@@ -71,6 +73,9 @@ VOC_DEV = REAL / "voc_dev"
 DEMO_CKPT, DEMO_DATA = ROOT / "runs" / "demo" / "checkpoints" / "final.pth", ROOT / "data" / "demo"
 RESULTS = Path(__file__).resolve().parent / "results" / "deploy.json"
 SIZE = 513
+NOTES = []  # rows or sections that could not run, and why
+FORMATS = {"miou": ".2f", "delta": "+.2f", "agree": ".3f", "images_per_s": ".2f",
+           "x_bf16": ".2f"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,11 +151,10 @@ def accuracy_rows(rows: dict, items, folds=None) -> list[dict]:
             ref, ref_miou = labels, scores["miou"]
         same = sum(int((a == b).sum()) for a, b in zip(labels, ref))
         total = sum(a.size for a in ref)
-        out.append(dict(row=name, miou=100 * scores["miou"],
+        out.append(dict(row=name, miou=100 * scores["miou"], agree=100 * same / total,
                         delta=100 * (scores["miou"] - ref_miou),
-                        agree=100 * same / total, seconds=round(time.perf_counter() - started, 1)))
-        print(f"  {name:14s} mIoU {out[-1]['miou']:6.2f}  delta {out[-1]['delta']:+6.2f}  "
-              f"agree {out[-1]['agree']:7.3f}%", flush=True)
+                        seconds=round(time.perf_counter() - started, 1)))
+        print(f"  {name}: mIoU {out[-1]['miou']:.2f}, agree {out[-1]['agree']:.3f}%", flush=True)
     return out
 
 
@@ -165,29 +169,22 @@ def real_checkpoint(tmp: Path) -> Path:
     return out
 
 
-def fp16_predictor(ckpt, msc_scales):
-    like = Predictor(ckpt, device="cpu", msc_scales=msc_scales, channels_last=False)
-    return ModulePredictor(like.model.half(), like, torch.float16)
-
-
 def torch_rows(ckpt, msc_scales, fp16: bool) -> dict:
     rows = {"fp32": Predictor(ckpt, device="cpu", msc_scales=msc_scales),
             "bf16": Predictor(ckpt, device="cpu", msc_scales=msc_scales, precision="bf16")}
     if fp16:
-        rows["fp16 (cpu)"] = fp16_predictor(ckpt, msc_scales)
+        like = Predictor(ckpt, device="cpu", msc_scales=msc_scales, channels_last=False)
+        rows["fp16 (cpu)"] = ModulePredictor(like.model.half(), like, torch.float16)
     return rows
 
 
 def int8_ort(fp32_onnx: Path, out: Path, calibration, crops: int, crop: int, threads: int,
-             method: str) -> OnnxPredictor:
+             method: str, float_linear: bool = False) -> OnnxPredictor:
     """An int8 file of `fp32_onnx`, calibrated on `crops` training crops of `calibration`."""
     meta = read_metadata(fp32_onnx)
     quantize_onnx(fp32_onnx, out, CalibrationCrops(calibration, crops, crop, meta["norm"]),
-                  method, calibration=str(calibration), crop=crop)
+                  method, float_linear=float_linear, calibration=str(calibration), crop=crop)
     return OnnxPredictor(out, device="cpu", threads=threads)
-
-
-NOTES = []
 
 
 def int8_pt2e(ckpt, calibration, crops: int, crop: int, msc: bool, like: Predictor):
@@ -214,8 +211,9 @@ def real_rows(ckpt, tmp: Path, items, a) -> tuple[dict, object]:
               for part in (items[:half], items[half:])]
     fold_of = (lambda k: 0 if k < half else 1)
     # the file for fold f is calibrated on the other fold's images
-    rows["int8 ort"] = [int8_ort(fp32, tmp / f"real_int8_{f}.onnx", halves[1 - f],
-                                 a.calib_crops, SIZE, a.threads, a.method) for f in (0, 1)]
+    for name, linear in (("int8 ort", False), ("int8 ort, linear fp32", True)):
+        rows[name] = [int8_ort(fp32, tmp / f"real_int8_{linear}_{f}.onnx", halves[1 - f],
+                               a.calib_crops, SIZE, a.threads, a.method, linear) for f in (0, 1)]
     if a.pt2e and int8_pt2e(ckpt, halves[1], 1, SIZE, False, rows["fp32"]) is not None:
         rows["int8 pt2e"] = [int8_pt2e(ckpt, halves[1 - f], a.calib_crops, SIZE, False,
                                        rows["fp32"]) for f in (0, 1)]
@@ -332,30 +330,26 @@ def r101_rows(tmp: Path, a) -> tuple[dict, Path]:
 # Report
 # ---------------------------------------------------------------------------------------------
 
-def print_accuracy(title: str, rows: list):
-    print(f"\n{title}\n| row | mIoU | delta vs fp32 | labels = fp32 |\n|---|---|---|---|")
+def print_table(title: str, rows: list, columns: str):
+    """A markdown table of `rows` (dicts with "row" and `columns`, space-separated)."""
+    keys = columns.split()
+    print(f"\n{title}\n| row | {' | '.join(keys)} |\n|---|{'---|' * len(keys)}")
     for r in rows:
-        print(f"| {r['row']} | {r['miou']:.2f} | {r['delta']:+.2f} | {r['agree']:.3f}% |")
-
-
-def print_speed(title: str, rows: list):
-    print(f"\n{title}\n| row | best s/img | median s/img | img/s | x bf16 (paired) |\n"
-          "|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['row']} | {r['best']:.3f} | {r['median']:.3f} | {r['images_per_s']:.2f} | "
-              f"{r['x_bf16']:.2f} |")
+        cells = [format(r[k], FORMATS.get(k, ".3f")) + ("%" if k == "agree" else "")
+                 for k in keys]
+        print(f"| {r['row']} | {' | '.join(cells)} |")
 
 
 def summary_table(report: dict):
-    print("\n| model | GMACs | params (M) | mIoU fp32 | bf16 | fp16 | int8 | fastest s/img (row) |"
-          "\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("\n| model | GMACs | params (M) | mIoU fp32 | bf16 | fp16 | int8 (all / linear fp32) "
+          "| fastest s/img (row) |\n|---|---|---|---|---|---|---|---|")
     for name, m in report["models"].items():
         acc = {r["row"]: r["miou"] for r in m.get("accuracy", [])}
         cell = (lambda k: f"{acc[k]:.2f}" if k in acc else "-")
         fast = min(m["speed"], key=lambda r: r["best"]) if m.get("speed") else None
         print(f"| {name} | {m['gmacs']:.1f} | {m['params_m']:.1f} | {cell('fp32')} | "
-              f"{cell('bf16')} | {cell('fp16 (cpu)')} | {cell('int8 ort')} | "
+              f"{cell('bf16')} | {cell('fp16 (cpu)')} | {cell('int8 ort')} / "
+              f"{cell('int8 ort, linear fp32')} | "
               + (f"{fast['best']:.3f} ({fast['row']}) |" if fast else "- |"))
 
 
@@ -367,8 +361,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
     p.add_argument("--calib-crops", type=int, default=200,
                    help="calibration crops per int8 file (real: per fold; demo)")
-    p.add_argument("--method", choices=METHODS, default="percentile",
-                   help="int8 calibration of the real and demo models (default percentile)")
+    p.add_argument("--method", choices=METHODS, default="minmax",
+                   help="int8 calibration of the real and demo models (default minmax)")
     p.add_argument("--no-pt2e", dest="pt2e", action="store_false", help="skip torchao PT2E")
     p.add_argument("--no-r101", dest="r101", action="store_false", help="skip the ResNet-101")
     p.add_argument("--out", default=str(RESULTS))
@@ -380,49 +374,54 @@ def parse_args(argv=None):
     return a
 
 
+def bench_real(tmp: Path, a) -> dict | None:
+    if not (TFLITE.is_file() and VOC_DEV.is_dir()):
+        NOTES.append(f"real model skipped: {TFLITE} or {VOC_DEV} absent (../shared/real/README.md "
+                     "gives the public downloads)")
+        return None
+    ckpt = real_checkpoint(tmp)
+    items = voc_items(VOC_DEV, limit=a.limit)
+    rows, fold_of = real_rows(ckpt, tmp, items, a)
+    acc = accuracy_rows(rows, items, fold_of)
+    speed = speed_table(timed_rounds(speed_calls(rows, items[0][1]), a.reps), "bf16")
+    print_table("accuracy, voc_dev", acc, "miou delta agree")
+    print_table("speed, 513 x 513", speed, "best median images_per_s x_bf16")
+    return dict(zip(("gmacs", "params_m"), gmacs_params(ckpt)), accuracy=acc, speed=speed)
+
+
+def bench_r101(tmp: Path, a) -> dict:
+    rows, ckpt = r101_rows(tmp, a)
+    image = np.full((SIZE - 13, SIZE - 100, 3), 100, np.uint8)  # a VOC-sized image, padded
+    speed = speed_table(timed_rounds(speed_calls(rows, image), a.reps), "bf16")
+    print_table("speed, 513 x 513, single scale", speed, "best median images_per_s x_bf16")
+    return dict(zip(("gmacs", "params_m"), gmacs_params(ckpt)), speed=speed)
+
+
+def bench_demo(tmp: Path, a) -> dict | None:
+    if not (DEMO_CKPT.is_file() and DEMO_DATA.is_dir()):
+        NOTES.append("demo model skipped: train it first (python Implementation/train.py "
+                     "--config demo --run-dir runs/demo)")
+        return None
+    acc = accuracy_rows(demo_rows(tmp, a), voc_items(DEMO_DATA, limit=a.limit))
+    print_table("accuracy, demo val", acc, "miou delta agree")
+    return dict(zip(("gmacs", "params_m"), gmacs_params(DEMO_CKPT)), accuracy=acc)
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     report = dict(machine=platform.processor() or platform.machine(), torch=torch.__version__,
                   threads=a.threads, load_average_start=os.getloadavg(), args=vars(a), models={})
+    sections = {"DeepLab v3 MNV2 (real)": bench_real,
+                "DeepLab v2 R101 (random weights)": bench_r101 if a.r101 else None,
+                "demo (DeepLab v2 ResNet-14, MSC)": bench_demo}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        if TFLITE.is_file() and VOC_DEV.is_dir():
-            print("real model (DeepLab v3 MobileNetV2, voc_dev):", flush=True)
-            ckpt = real_checkpoint(tmp)
-            items = voc_items(VOC_DEV, limit=a.limit)
-            rows, fold_of = real_rows(ckpt, tmp, items, a)
-            gmacs, params = gmacs_params(ckpt)
-            acc = accuracy_rows(rows, items, fold_of)
-            speed = speed_table(timed_rounds(speed_calls(rows, items[0][1]), a.reps), "bf16")
-            report["models"]["DeepLab v3 MNV2 (real)"] = dict(gmacs=gmacs, params_m=params,
-                                                              accuracy=acc, speed=speed)
-            print_accuracy("real model, voc_dev", acc)
-            print_speed("real model, 513 x 513", speed)
-        else:
-            print(f"real model skipped: {TFLITE} or {VOC_DEV} absent (see ../shared/real/README.md"
-                  " for the public downloads)")
-        if a.r101:
-            print("DeepLab v2 ResNet-101 (speed):", flush=True)
-            rows, ckpt = r101_rows(tmp, a)
-            gmacs, params = gmacs_params(ckpt)
-            image = load_image(sorted((REAL / "voc_dev").rglob("*.jpg"))[0]) if VOC_DEV.is_dir() \
-                else np.full((SIZE - 13, SIZE - 100, 3), 100, np.uint8)
-            speed = speed_table(timed_rounds(speed_calls(rows, image), a.reps), "bf16")
-            report["models"]["DeepLab v2 R101 (random weights)"] = dict(
-                gmacs=gmacs, params_m=params, speed=speed)
-            print_speed("DeepLab v2 ResNet-101, 513 x 513, single scale", speed)
-        if DEMO_CKPT.is_file() and DEMO_DATA.is_dir():
-            print("demo model (demo val):", flush=True)
-            rows = demo_rows(tmp, a)
-            acc = accuracy_rows(rows, voc_items(DEMO_DATA, limit=a.limit))
-            gmacs, params = gmacs_params(DEMO_CKPT)
-            report["models"]["demo (DeepLab v2 ResNet-14, MSC)"] = dict(
-                gmacs=gmacs, params_m=params, accuracy=acc)
-            print_accuracy("demo model, demo val", acc)
-        else:
-            print(f"demo model skipped: train it first (python Implementation/train.py --config "
-                  f"demo --run-dir runs/demo)")
+        for name, section in sections.items():
+            if section is not None:
+                print(f"{name}:", flush=True)
+                result = section(Path(tmp), a)
+                if result is not None:
+                    report["models"][name] = result
     summary_table(report)
     for note in NOTES:
         print(f"note: {note}")

@@ -185,11 +185,24 @@ def test_int8_file_is_quantised_per_channel_and_agrees_with_fp32(files, demo):
     assert same / total >= 0.97
 
 
-def test_percentile_calibration_reads_every_crop_in_chunks_and_agrees(files, demo, tmp_path):
+def test_percentile_calibration_in_chunks_with_float_linear_convs(files, demo, tmp_path):
+    """Every crop read (6 in chunks of 3), the convolutions no activation follows left float
+    (their weights have no DequantizeLinear), the rest int8, labels close to fp32."""
     out = tmp_path / "percentile.onnx"
     crops = CalibrationCrops(demo, 6, 65, "caffe", split="train")
-    meta = quantize_onnx(files["msc"], out, crops, method="percentile", chunk=4)
+    meta = quantize_onnx(files["msc"], out, crops, method="percentile", float_linear=True,
+                         chunk=4)
     assert meta["precision"] == "int8" and meta["quantization"]["crops"] == 6
+    graph = onnx.load(str(out)).graph
+    init = {t.name for t in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    dq_weights = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"
+                  and n.input[0] in init}
+    float_convs = [n for n in convs if n.input[1] not in dq_weights]
+    assert len(float_convs) == meta["quantization"]["float_convs"] > 0
+    assert len(float_convs) < len(convs)
+    assert not {"Relu", "Clip"} & {m.op_type for m in graph.node for n in float_convs
+                                    if n.output[0] in m.input}
     q, f = OnnxPredictor(out), OnnxPredictor(files["msc"])
     same = total = 0
     for path in sorted((demo / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("val*.jpg")):
