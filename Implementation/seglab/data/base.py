@@ -128,10 +128,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     # --- files ---------------------------------------------------------------------------
 
     def image_path(self, i: int) -> Path:
-        raise NotImplementedError
+        """Abstract: each data set's layout says where image i is."""
+        raise NotImplementedError(f"{type(self).__name__} must define image_path")
 
     def raw_label_path(self, i: int) -> Path:
-        raise NotImplementedError
+        """Abstract: each data set's layout says where the annotation of image i is."""
+        raise NotImplementedError(f"{type(self).__name__} must define raw_label_path")
 
     def mapped_label_path(self, i: int) -> Path | None:
         """Where the class-index copy of a mapped annotation goes; None: no mapping needed."""
