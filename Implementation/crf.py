@@ -31,7 +31,8 @@ from seglab.config import (ConfigError, add_config_arguments, config_flag, confi
 from seglab.config import parse_args as parse_config_args
 from seglab.data.images import DataError
 from seglab.data.registry import dataset_class
-from seglab.densecrf.params import PAPER_GRID, CRFParams, crf_params_from_config
+from seglab.densecrf.params import (BACKENDS, PAPER_GRID, CRFParams, crf_params_from_config,
+                                    is_torch_backend)
 from seglab.densecrf.runner import CRFFailure, CRFJob, run_crf
 from seglab.densecrf.search import (best_setting, cross_validate, params_of, pick_subset,
                                    score_grid, search, search_grid)
@@ -104,7 +105,7 @@ def cmd_apply(args, cfg: dict) -> int:
 
 def crf_device(cfg: dict) -> str:
     device = cfg["run"]["device"]
-    return "cpu" if cfg["crf"]["backend"] != "torch" or device == "auto" else device
+    return "cpu" if not is_torch_backend(cfg["crf"]["backend"]) or device == "auto" else device
 
 
 def write_search(out: Path, rows: list[dict], best: dict) -> list[dict]:
@@ -200,9 +201,11 @@ def parse_args(argv=None):
     config_flag(p, "--normalization", "crf.normalization", choices=("after", "symmetric"),
                 help="message normalisation ('after' = DeepLab's CRF binary)")
     config_flag(p, "--workers", "crf.workers", type=int, help="worker processes (0 = all cores)")
-    config_flag(p, "--backend", "crf.backend", choices=("pydensecrf", "torch"),
-                help="pydensecrf (C++) or torch (densecrf/torch_crf.py, no build needed)")
-    config_flag(p, "--device", "run.device", help="device for --backend torch (cpu, cuda)")
+    config_flag(p, "--backend", "crf.backend", choices=BACKENDS,
+                help="pydensecrf (C++); torch (densecrf/torch_crf.py, no build needed, the same "
+                     "labels); torch-fp16 (its lattice in float16: faster, labels not exact, "
+                     "agreement in bench/bench_crf_torch.py)")
+    config_flag(p, "--device", "run.device", help="device for the torch backends (cpu, cuda)")
     config_flag(p, "--interp", "model.interp", choices=("caffe", "pytorch"),
                 help="logit upsampling: caffe = Interp, align_corners=True")
     p.add_argument("--bi-w", dest="bi_w", type=float, nargs="+",

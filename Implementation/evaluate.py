@@ -18,6 +18,7 @@ from seglab.config import (ConfigError, add_config_arguments, config_flag, confi
                            explicit_model_settings)
 from seglab.config import parse_args as parse_config_args
 from seglab.data.images import DataError
+from seglab.densecrf.params import BACKENDS
 from seglab.device import DeviceError
 from seglab.evaluation.evaluate import EvalSettings, EvaluationError, evaluate
 from seglab.evaluation.logit_cache import LogitCacheError
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     config_flag(p, "--crf", "eval.crf", action="store_true", help="also score after the CRF")
     config_flag(p, "--crf-params", "crf.params",
                 help="CRF parameter JSON (crf.py search's best.json)")
-    config_flag(p, "--crf-backend", "crf.backend", choices=("pydensecrf", "torch"))
+    config_flag(p, "--crf-backend", "crf.backend", choices=BACKENDS)
     config_flag(p, "--workers", "crf.workers", type=int, help="CRF processes (0 = all cores)")
     config_flag(p, "--loader-workers", "eval.loader_workers", type=int,
                 help="image-loading processes for the network pass")

@@ -37,7 +37,7 @@ from seglab.config import (ConfigError, config_flag, config_from_args, explicit_
                            save_config)
 from seglab.config import parse_args as parse_config_args
 from seglab.densecrf.dense_crf import DenseCRF
-from seglab.densecrf.params import crf_params_from_config
+from seglab.densecrf.params import BACKENDS, crf_params_from_config, is_torch_backend
 from seglab.device import DeviceError
 from seglab.inference.batch import find_images, infer
 from seglab.deploy import load_predictor  # a checkpoint, or an .onnx file (export.py)
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default: runs/infer-<timestamp>)")
     config_flag(p, "--crf", "eval.crf", action="store_true", help="also write dense-CRF labels")
     config_flag(p, "--crf-params", "crf.params", help="CRF parameter JSON")
-    config_flag(p, "--crf-backend", "crf.backend", choices=("pydensecrf", "torch"))
+    config_flag(p, "--crf-backend", "crf.backend", choices=BACKENDS)
     config_flag(p, "--overlay", "infer.overlay", action="store_true",
                 help="also write colour overlays with a legend (overlay/)")
     config_flag(p, "--save-probs", "infer.save_probs", action="store_true",
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         if e["crf"]:
             backend = cfg["crf"]["backend"]
             crf = DenseCRF(crf_params_from_config(cfg["crf"]), backend=backend,
-                           device=str(predictor.device) if backend == "torch" else "cpu")
+                           device=str(predictor.device) if is_torch_backend(backend) else "cpu")
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(dict(cfg, checkpoint=args.checkpoint, inputs=args.inputs,
                          predictor=predictor.settings()), out_dir)

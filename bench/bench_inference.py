@@ -216,13 +216,14 @@ def build(kind: str, settings: dict, checkpoint: Path, device):
     import torch
     from seglab.checkpoint import load_checkpoint, load_model_weights
     from seglab.inference.predictor import Predictor
-    from seglab.models import build_model, unwrap
+    from seglab.models import build_model
+    from seglab.models.msc import MSC
     scales = (0.75, 0.5) if settings["msc"] else ()
     if kind == "eager":
         ckpt = load_checkpoint(checkpoint)
-        model = build_model(ckpt["arch"], msc_scales=scales)
-        load_model_weights(unwrap(model), ckpt, str(checkpoint))
-        model = model.eval().to(device)
+        net = build_model(ckpt["arch"])
+        load_model_weights(net, ckpt, str(checkpoint))
+        model = (MSC(net, scales) if scales else net).eval().to(device)
 
         def run(x):
             with torch.no_grad():
@@ -238,12 +239,12 @@ def train_step(settings: dict, folder: Path, device):
     import torch
     from seglab.checkpoint import load_checkpoint, load_model_weights
     from seglab.training.loss import msc_loss
-    from seglab.models import build_model, unwrap
-    from seglab.models.deeplabv2 import param_groups
+    from seglab.models import build_model, param_groups
+    from seglab.models.msc import MSC
     ckpt = load_checkpoint(folder / "fitted.pth")
-    model = build_model(ckpt["arch"], msc_scales=(0.75, 0.5))
-    load_model_weights(unwrap(model), ckpt)
-    model = model.to(device).train()
+    net = build_model(ckpt["arch"])
+    load_model_weights(net, ckpt)
+    model = MSC(net, (0.75, 0.5)).to(device).train()
     optimizer = torch.optim.SGD(param_groups(model, 1e-3, 5e-4), lr=1e-3, momentum=0.9)
     data = torch.load(folder / "train_input.pt", weights_only=True)
     x, label = data["image"][None].to(device), data["label"][None].to(device)

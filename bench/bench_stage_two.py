@@ -1,27 +1,36 @@
 """Stage two end to end: `evaluate.py --crf` on a VOC-size split with DeepLab v2 ResNet-101.
 
-    python bench/bench_stage_two.py [--images 200] [--precision bf16] [--workers 2]
-        [--backend pydensecrf|torch] [--quick]
+    python bench/bench_stage_two.py [--images 200] [--precision bf16|fp32|int8] [--workers 2]
+        [--backends pydensecrf torch torch-fp16] [--stream] [--quick]
 
 Writes a VOC-layout split of `--images` 500x375 photographs (crops and mirrors of
 scikit-image's public-domain sample photos; labels are random blobs: the speed of the network
 and of the CRF does not depend on them) and a ResNet-101 DeepLab v2 with random weights, then
 measures, in one run:
-  network only   evaluate() without the CRF: the MSC network pass at 513 (VOC protocol)
-  CRF only       the CRF on the cached logits (the network pass skipped: cache hits)
-  pipelined      evaluate() with the CRF from an empty cache: the CRF of each image starts as
-                 soon as its logits are cached, in worker processes, while the network works
-                 on the next images (seglab/densecrf/runner.py: CRFStream)
-and projects each to VOC val's 1,449 images. Run it on an idle machine; the load average before
+  network only       evaluate() without the CRF: the MSC network pass at 513 (VOC protocol), on
+                     every core through torch's threads; `--precision int8` exports the network
+                     with MSC to ONNX and quantises it (export.py int8, calibrated on 16 crops
+                     of the split: speed only) and evaluates that file in onnxruntime
+  CRF only           for each of --backends: the CRF on the cached logits (every image a cache
+                     hit), --workers processes, each image loaded, upsampled, solved and scored
+  end to end         evaluate() with the CRF (the first backend) from an empty cache, as a user
+                     runs it: the network pass on every core, then the CRF on every core
+  streamed           with --stream: the same with crf.stream=true (the CRF of each image starts
+                     in a worker as soon as its logits are cached, beside the network pass)
+For each row: images per second, seconds per image, the projection to VOC val's 1,449 images
+(seconds per image x 1,449), and the share of the cores kept busy (CPU seconds of this process
+and its workers / (wall seconds x cores)). Run it on an idle machine; the load average before
 and after is recorded. Results: bench/results/stage_two.json.
 """
 from __future__ import annotations
 
-from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+from common import ROOT, write_report  # noqa: E402  (also puts Implementation/ on sys.path)
 import argparse
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +42,7 @@ from skimage import data as skdata
 
 from seglab.checkpoint import atomic_save, make_checkpoint
 from seglab.data.labels import save_label_png
-from seglab.densecrf.params import CRFParams
+from seglab.densecrf.params import BACKENDS, CRFParams
 from seglab.evaluation.evaluate import EvalSettings, evaluate
 from seglab.models import build_model
 
@@ -74,22 +83,36 @@ def make_split(root: Path, n: int) -> None:
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
 
 
-def timed(fn) -> float:
-    started = time.perf_counter()
+def int8_file(ckpt: Path, data: Path, out: Path) -> Path:
+    """The network with MSC as an int8 ONNX file (export.py int8), calibrated on the split."""
+    subprocess.run([sys.executable, str(ROOT / "Implementation" / "export.py"), "int8",
+                    "--checkpoint", str(ckpt), "--out", str(out), "--msc", "--calibration",
+                    str(data), "--split", "val", "--crops", "16"], check=True)
+    return out
+
+
+def timed(fn) -> tuple:
+    """(wall seconds, CPU seconds of this process and its finished workers) of one call."""
+    cpu = lambda t: t.user + t.system + t.children_user + t.children_system  # noqa: E731
+    started, cpu_started = time.perf_counter(), cpu(os.times())
     fn()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu(os.times()) - cpu_started
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=200, help="images in the split")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "int8"))
     p.add_argument("--workers", type=int, default=2, help="CRF worker processes")
-    p.add_argument("--backend", default="pydensecrf", choices=("pydensecrf", "torch"))
+    p.add_argument("--backends", nargs="+", default=["pydensecrf", "torch", "torch-fp16"],
+                   choices=BACKENDS, help="CRF backends to time; the first runs end to end")
+    p.add_argument("--stream", action="store_true", help="also time crf.stream=true")
     p.add_argument("--quick", action="store_true", help="8 images, a smoke check")
     args = p.parse_args(argv)
     n = 8 if args.quick else args.images
+    cores = os.cpu_count() or 1
     load_before = os.getloadavg()[0]
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_split(tmp / "data", n)
@@ -97,33 +120,45 @@ def main(argv=None) -> dict:
         net = build_model({"name": "deeplabv2", "num_classes": 21})
         ckpt = atomic_save(make_checkpoint(net.arch, net.state_dict()), tmp / "r101.pth")
         del net
-        settings = EvalSettings(data_root=str(tmp / "data"), precision=args.precision,
+        if args.precision == "int8":
+            ckpt = int8_file(ckpt, tmp / "data", tmp / "r101_int8.onnx")
+        settings = EvalSettings(data_root=str(tmp / "data"),
+                                precision="fp32" if args.precision == "int8" else args.precision,
                                 device="cpu", crf_workers=args.workers,
-                                crf_backend=args.backend, crf_params=CRFParams(),
+                                crf_backend=args.backends[0], crf_params=CRFParams(),
                                 save_predictions=False)
         run = lambda out, **kw: evaluate(ckpt, EvalSettings(**dict(vars(settings), **kw)),  # noqa
                                          out_dir=tmp / out, show_progress=True)
-        network = timed(lambda: run("a"))
-        crf_only = timed(lambda: run("a", crf=True))  # every image a cache hit
+        rows[f"network only ({args.precision})"] = timed(lambda: run("a"))
+        for backend in args.backends:                    # every image a cache hit
+            rows[f"CRF only ({backend})"] = timed(lambda: run("a", crf=True, crf_backend=backend))
         shutil.rmtree(tmp / "a")
-        pipelined = timed(lambda: run("b", crf=True, crf_stream=True))
-    rows = {"network only": network, "CRF only": crf_only, "pipelined network + CRF": pipelined}
-    print(f"\n{n} images of {W}x{H}, ResNet-101 MSC at 513, {args.precision}, CRF "
-          f"{args.backend} x {args.workers} workers, {os.cpu_count()} cores")
-    print(f"{'stage':<26}{'s':>9}{'img/s':>9}{'s/img':>9}{'VOC val (1,449)':>18}")
-    for name, seconds in rows.items():
-        print(f"{name:<26}{seconds:9.1f}{n / seconds:9.3f}{seconds / n:9.3f}"
-              f"{seconds / n * VOC_VAL / 60:15.1f} min")
-    overlap = (network + crf_only) / pipelined
-    print(f"pipelined vs network then CRF: {overlap:.2f}x")
-    report = dict(images=n, precision=args.precision, backend=args.backend,
-                  workers=args.workers, cpus=os.cpu_count(), processor=platform.processor(),
-                  seconds=rows, per_image={k: v / n for k, v in rows.items()},
-                  voc_val_minutes={k: v / n * VOC_VAL / 60 for k, v in rows.items()},
-                  speedup_over_sequential=overlap,
+        rows[f"end to end ({args.backends[0]})"] = timed(lambda: run("b", crf=True))
+        if args.stream:
+            rows[f"streamed ({args.backends[0]})"] = timed(lambda: run("c", crf=True,
+                                                                       crf_stream=True))
+    print(f"\n{n} images of {W}x{H}, ResNet-101 MSC at 513, {args.precision}, CRF x "
+          f"{args.workers} workers, {cores} cores, load average {load_before:.2f} -> "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"{'stage':<30}{'s':>8}{'img/s':>8}{'s/img':>8}{'cores busy':>12}{'VOC val (1,449)':>18}")
+    for name, (wall, cpu) in rows.items():
+        print(f"{name:<30}{wall:8.1f}{n / wall:8.3f}{wall / n:8.3f}{cpu / (wall * cores):11.0%}"
+              f"{wall / n * VOC_VAL / 60:15.1f} min")
+    network = rows[f"network only ({args.precision})"][0] / n
+    print("projection for VOC val, network then CRF: " + "; ".join(
+        f"{b}: ({network:.3f} + {rows[f'CRF only ({b})'][0] / n:.3f}) s x 1,449 = "
+        f"{(network + rows[f'CRF only ({b})'][0] / n) * VOC_VAL / 60:.1f} min"
+        for b in args.backends) + "; target < 20 min")
+    report = dict(images=n, precision=args.precision, backends=args.backends,
+                  workers=args.workers, cpus=cores, processor=platform.processor(),
+                  seconds={k: wall for k, (wall, _) in rows.items()},
+                  cpu_seconds={k: cpu for k, (_, cpu) in rows.items()},
+                  per_image={k: wall / n for k, (wall, _) in rows.items()},
+                  cores_busy={k: cpu / (wall * cores) for k, (wall, cpu) in rows.items()},
+                  voc_val_minutes={k: wall / n * VOC_VAL / 60 for k, (wall, _) in rows.items()},
                   load_before=load_before, load_after=os.getloadavg()[0])
     if not args.quick:
-        write_report(report, RESULTS)
+        write_report(report, RESULTS.with_name(f"stage_two_{args.precision}.json"))
     return report
 
 

@@ -167,6 +167,21 @@ def test_torch_backend_gets_every_parameter():
         assert np.abs(other - torch_q).max() > 1e-2, change
 
 
+def test_torch_fp16_backend_runs_the_half_precision_lattice(monkeypatch):
+    """`torch-fp16` reaches torch_crf with lattice="fp16" (and `torch` with "fp32"): the two
+    differ by half-precision rounding, not more."""
+    seen = []
+    real = dense_crf.torch_crf.dense_crf
+    monkeypatch.setattr(dense_crf.torch_crf, "dense_crf",
+                        lambda *a, **kw: seen.append(kw["lattice"]) or real(*a, **kw))
+    image, _, logits = make_scene(40, 50, noise=1.5)
+    q16 = DenseCRF(backend="torch-fp16")(image, logits)
+    q32 = DenseCRF(backend="torch")(image, logits)
+    assert seen == ["fp16", "fp32"]
+    assert 0 < np.abs(q16 - q32).max() < 2e-2
+    assert (q16.argmax(0) == q32.argmax(0)).mean() > 0.999
+
+
 # ---------------------------------------------------------------------------------------------
 # The runner and the CLI, on a small VOC-layout folder with a logit cache
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from seglab.densecrf import permutohedral
-from seglab.densecrf.torch_crf import dense_crf, gaussian_kernel, kernel_features
+from seglab.densecrf.torch_crf import PairwiseKernel, dense_crf, gaussian_kernel, kernel_features
 from seglab.densecrf.permutohedral import PermutohedralLattice
 
 
@@ -65,6 +65,35 @@ def test_labels_and_marginals_match_pydensecrf(h, w, c, normalization):
     # measured: every label equal, max |dQ| ~1e-6 (float32 rounding of the same sums)
     assert (q.argmax(0) == ref.argmax(0)).mean() >= 0.9999
     np.testing.assert_allclose(q, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_fp16_lattice_stays_close_to_pydensecrf(normalization):
+    """The float16 lattice (the torch-fp16 backend) is not exact: its marginals move by ~1e-3
+    (11-bit rounding of every pass) but the labels stay pydensecrf's nearly everywhere."""
+    img, unary = scene(120, 160, 21, seed=280)
+    ref = pydensecrf_q(img, unary, 10, normalization)
+    q16 = dense_crf(img, unary, 10, normalization=normalization, lattice="fp16")
+    q32 = dense_crf(img, unary, 10, normalization=normalization)
+    assert q16.dtype == np.float32 and np.isfinite(q16).all()
+    assert (q16.argmax(0) == ref.argmax(0)).mean() >= 0.999
+    err16, err32 = np.abs(q16 - ref).max(), np.abs(q32 - ref).max()
+    assert 1e-5 < err16 < 2e-2 and err32 < 2e-5         # really half precision, still close
+
+
+def test_fp16_lattice_scales_large_sums_instead_of_overflowing():
+    """Without normalisation, a flat 500x500 image and a 400 px bilateral kernel sum over 2^17
+    (points x weights) into a vertex, twice float16's maximum (65504): the power-of-two scale
+    keeps every pass finite, and the result stays near the float32 lattice's."""
+    img = np.full((500, 500, 3), 90, np.uint8)
+    unary = np.random.default_rng(5).uniform(0, 2, (3, 500, 500)).astype(np.float32)
+    kw = dict(normalization="none", pos_w=0.0, bi_w=1e-4, bi_xy_std=400.0)
+    kernel = PairwiseKernel(kernel_features(500, 500, 400.0, torch.from_numpy(img), 3.0), 1e-4,
+                            "none", lattice="fp16")
+    assert kernel.scale <= 2 ** -3                        # peak > 2^17: unscaled, it overflows
+    q16, q32 = dense_crf(img, unary, 3, lattice="fp16", **kw), dense_crf(img, unary, 3, **kw)
+    assert np.isfinite(q16).all()
+    np.testing.assert_allclose(q16, q32, atol=2e-2)      # measured 6e-3 (energies ~13)
 
 
 @pytest.mark.parametrize("normalization", ["before", "none"])

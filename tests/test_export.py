@@ -98,6 +98,33 @@ def files(tmp_path_factory, demo):
     return out
 
 
+class _FixedSession:
+    """An onnxruntime session stand-in that answers with given logits."""
+    def __init__(self, logits):
+        self.logits = logits
+
+    def run(self, names, feeds):
+        return [self.logits.numpy()]
+
+
+def test_the_check_forgives_a_label_swapped_at_a_near_tie_only():
+    """Float rounding may swap two logits that PyTorch has nearly tied (random weights make such
+    ties), and the check lets that pass; a label flipped where PyTorch is sure fails it."""
+    ref = torch.zeros(1, 2, 6, 6)
+    ref[0, 0] = 5.0                                      # label 0 everywhere, by a margin of 5
+    ref[0, 1, 2, 3] = 5.0 - 1e-6                         # ... except a near-tie at one pixel
+    model = lambda x: ref.clone()                        # noqa: E731
+    x = torch.zeros(1, 3, 6, 6)
+    tie = ref.clone()
+    tie[0, 1, 2, 3] = 5.0 + 1e-6                         # rounding-size change: the label swaps
+    result = compare_with_torch("unused.onnx", model, [x], session=_FixedSession(tie))
+    assert result["label_agreement"] < 1.0 and result["flips_beyond_ties"] == 0
+    sure = tie.clone()
+    sure[0, 1, 0, 0] = 6.0                               # a confident label changed
+    result = compare_with_torch("unused.onnx", model, [x], session=_FixedSession(sure))
+    assert result["flips_beyond_ties"] > 0
+
+
 def test_single_scale_file_reproduces_pytorch_at_two_sizes(files):
     model = Predictor(files["ckpt"], device="cpu", msc_scales=(), channels_last=False,
                       shifted_aspp=False).model

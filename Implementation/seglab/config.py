@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from seglab.densecrf.params import NORMALIZATIONS, CRFParams
+from seglab.densecrf.params import BACKENDS, NORMALIZATIONS, CRFParams
 from seglab.data.registry import dataset_class
 from seglab.models import build_model
 
@@ -89,7 +89,7 @@ DEFAULTS = {
     "crf": dict(
         dataclasses.asdict(CRFParams()),  # the paper's ResNet-101 values (densecrf/params.py)
         params="",                    # a CRF parameter JSON (crf.py search's best.json) on top
-        backend="pydensecrf",         # pydensecrf (C++) | torch (densecrf/torch_crf.py)
+        backend="pydensecrf",         # pydensecrf (C++) | torch | torch-fp16 (torch_crf.py)
         workers=0,                    # worker processes; 0 = all cores
         stream=False,                 # run the CRF beside the network pass (evaluate.py): a
                                       # gain only with cores to spare for both; on 2 cores
@@ -120,7 +120,7 @@ CHOICES = {
     "eval.precision": ("fp32", "bf16"),
     "eval.msc_fusion": ("max", "mean"),
     "crf.normalization": tuple(NORMALIZATIONS),
-    "crf.backend": ("pydensecrf", "torch"),
+    "crf.backend": BACKENDS,
 }
 BOUNDS = {
     "data.num_classes": (1, 255), "data.crop": (1, None), "data.workers": (0, None),

@@ -17,11 +17,10 @@ import torch
 from seglab.data.images import load_image
 from seglab.data.protocols import protocol_image
 from seglab.densecrf import torch_crf
-from seglab.densecrf.params import NORMALIZATIONS, CRFParams
+from seglab.densecrf.params import BACKENDS, NORMALIZATIONS, CRFParams, is_torch_backend
 from seglab.evaluation.logit_cache import load_logits
 from seglab.models.resize import full_resolution_logits
 
-BACKENDS = ("pydensecrf", "torch")
 PROB_CLIP = 1e-5
 
 
@@ -111,11 +110,12 @@ class DenseCRF:
         p = self.params
         if p.iterations == 0:
             return _softmax_of_negative(unary)
-        if self.backend == "torch":
+        if is_torch_backend(self.backend):
             q = torch_crf.dense_crf(image, unary.reshape(c, h, w), iterations=p.iterations,
                                     bi_w=p.bi_w, bi_xy_std=p.bi_xy_std, bi_rgb_std=p.bi_rgb_std,
                                     pos_w=p.pos_w, pos_xy_std=p.pos_xy_std,
-                                    normalization=p.normalization, device=self.device)
+                                    normalization=p.normalization, device=self.device,
+                                    lattice="fp16" if self.backend == "torch-fp16" else "fp32")
             return np.asarray(q, dtype=np.float32).reshape(c, h * w)
         dcrf = self._dcrf
         norm = getattr(dcrf, NORMALIZATIONS[p.normalization])

@@ -18,6 +18,15 @@ from pathlib import Path
 
 NORMALIZATIONS = {"after": "NORMALIZE_AFTER", "symmetric": "NORMALIZE_SYMMETRIC"}
 
+# What runs the mean field: pydensecrf (C++), or the pure-PyTorch lattice of torch_crf.py with
+# float32 values (labels exact to float rounding) or float16 ones (faster, not exact).
+BACKENDS = ("pydensecrf", "torch", "torch-fp16")
+
+
+def is_torch_backend(backend: str) -> bool:
+    """The backends that run on a torch device (cpu, cuda)."""
+    return backend.startswith("torch")
+
 # The paper's first-round search ranges (MATLAB [3:6], [30:10:100], [3:6]): 128 settings.
 PAPER_GRID = {"bi_w": [3, 4, 5, 6], "bi_xy_std": list(range(30, 101, 10)),
               "bi_rgb_std": [3, 4, 5, 6]}

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from seglab.data.labels import load_label, save_label_png
 from seglab.data.protocols import protocol_label
 from seglab.densecrf.dense_crf import DenseCRF, load_crf_inputs, resolve_backend
-from seglab.densecrf.params import CRFParams
+from seglab.densecrf.params import CRFParams, is_torch_backend
 from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator
 
 
@@ -114,7 +114,7 @@ def _init_worker():
 
 def default_workers(backend: str = "pydensecrf", device: str = "cpu") -> int:
     """All cores for CPU CRFs; one process for a GPU (it parallelises inside)."""
-    return 1 if backend == "torch" and str(device).startswith("cuda") else (os.cpu_count() or 1)
+    return 1 if is_torch_backend(backend) and str(device).startswith("cuda") else (os.cpu_count() or 1)
 
 
 def iter_crf(jobs: Iterable, params: CRFParams | None = None, workers: int | None = None,

@@ -29,7 +29,10 @@ checkpoint's identity, training split and provenance.
 The check (`compare_with_torch`): the same normalised inputs through PyTorch (fp32) and through
 onnxruntime; the largest absolute difference of the logits over the largest absolute logit
 ("max relative difference") and the share of pixels whose full-resolution label (argmax after
-the upsampling of `full_resolution_logits`) is the same.
+the upsampling of `full_resolution_logits`) is the same. A label may differ only at a near-tie:
+where PyTorch's two best logits are closer than 2 x TOLERANCE x its largest |logit| (what the
+allowed rounding can move), rounding alone can swap them (random weights give such ties); any
+other differing label ("flips beyond ties") fails the export.
 """
 from __future__ import annotations
 
@@ -137,9 +140,10 @@ def check_inputs(norm: str, output_stride: int, images=None, sizes=((320, 385), 
 def compare_with_torch(onnx_path, model: torch.nn.Module, inputs, interp: str = "caffe",
                        session=None) -> dict:
     """Run `inputs` through PyTorch and the ONNX file: {"max_rel_diff", "label_agreement",
-    "sizes"} (see the module docstring). `session`: an open onnxruntime session of the file."""
+    "flips_beyond_ties", "sizes"} (see the module docstring). `session`: an open onnxruntime
+    session of the file."""
     session = session or open_session(onnx_path)
-    worst, same, total, sizes = 0.0, 0, 0, []
+    worst, same, total, flips, sizes = 0.0, 0, 0, 0, []
     for x in inputs:
         with torch.inference_mode():
             ref = model(x).float()
@@ -150,11 +154,16 @@ def compare_with_torch(onnx_path, model: torch.nn.Module, inputs, interp: str = 
         worst = max(worst, float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
         size = tuple(x.shape[-2:])
         for a, b in zip(out, ref):
-            la = full_resolution_logits(a, size, size, interp).argmax(0)
-            lb = full_resolution_logits(b, size, size, interp).argmax(0)
-            same, total = same + int((la == lb).sum()), total + la.numel()
+            fa = full_resolution_logits(a, size, size, interp)
+            fb = full_resolution_logits(b, size, size, interp)
+            differ = fa.argmax(0) != fb.argmax(0)
+            top2 = fb.topk(min(2, fb.shape[0]), dim=0).values
+            margin = top2[0] - top2[-1]
+            flips += int((differ & (margin > 2 * TOLERANCE * fb.abs().max())).sum())
+            same, total = same + int((~differ).sum()), total + differ.numel()
         sizes.append(list(size))
-    return dict(max_rel_diff=worst, label_agreement=same / max(total, 1), sizes=sizes)
+    return dict(max_rel_diff=worst, label_agreement=same / max(total, 1),
+                flips_beyond_ties=flips, sizes=sizes)
 
 
 def export_onnx(source, out, msc: bool = False, msc_scales=None, interp=None, norm=None,
@@ -176,9 +185,10 @@ def export_onnx(source, out, msc: bool = False, msc_scales=None, interp=None, no
             predictor.norm, predictor.output_stride, check_images, fixed_size=fixed_size),
             predictor.interp)
         facts["check"] = result
-        if result["max_rel_diff"] > TOLERANCE or result["label_agreement"] < 1.0:
+        if result["max_rel_diff"] > TOLERANCE or result["flips_beyond_ties"]:
             raise ExportError(f"{out} does not reproduce PyTorch: max relative difference "
                               f"{result['max_rel_diff']:.2e} (allowed {TOLERANCE:.0e}), labels "
-                              f"{100 * result['label_agreement']:.3f}% equal. The file is kept "
-                              "for inspection; please report the architecture.")
+                              f"{100 * result['label_agreement']:.3f}% equal, "
+                              f"{result['flips_beyond_ties']} differing away from a near-tie. "
+                              "The file is kept for inspection; please report the architecture.")
     return facts

@@ -38,7 +38,7 @@ from seglab.data.loaders import eval_loader
 from seglab.data.protocols import PROTOCOLS, protocol_label, protocol_size
 from seglab.data.registry import eval_dataset
 from seglab.data.transforms import EvalTransform
-from seglab.densecrf.params import CRFParams, crf_params_from_config
+from seglab.densecrf.params import CRFParams, crf_params_from_config, is_torch_backend
 from seglab.densecrf.runner import CRFJob, CRFStream
 from seglab.evaluation.logit_cache import LogitCacheError, cache_path, load_logits, save_logits
 from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator, format_table
@@ -238,7 +238,7 @@ def crf_stream(dataset, out_dir, cache_dir, predictor, s: EvalSettings, progress
     as its logits are cached, while the network works on the next images."""
     index = {image_id: i for i, image_id in enumerate(dataset.ids)}
     stream = CRFStream(s.crf_params, s.crf_workers or None, s.crf_backend,
-                       str(predictor.device) if s.crf_backend == "torch" else "cpu",
+                       str(predictor.device) if is_torch_backend(s.crf_backend) else "cpu",
                        predictor.interp, s.trimap_widths, progress, desc=f"CRF ({s.split})",
                        mode=s.mode)
 
