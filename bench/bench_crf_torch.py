@@ -313,6 +313,11 @@ def main(argv=None) -> dict:
                         help="a folder of JPEGs to use at their own sizes instead of 500x375 crops")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS})")
     args = parser.parse_args(argv)
+    try:
+        import pydensecrf.densecrf  # noqa: F401  (the reference every row is compared with)
+    except ImportError:
+        raise SystemExit("bench_crf_torch: needs pydensecrf (`pip install pydensecrf2`), the "
+                         "reference it times and compares against")
 
     scenes = make_scenes(args.images, photos=args.photos)
     threads_before = torch.get_num_threads()

@@ -100,12 +100,12 @@ class PairwiseKernel:
             self._to_half(ones)
 
     def _to_half(self, ones: Tensor) -> None:
-        """Scale the splat by a power of two that keeps every pass's output for Q = 1 (the
+        """Scale the splat by a power of two that keeps every pass's |output| for Q = 1 (the
         largest any Q <= 1 can give) at most _FP16_PEAK, and store the weights in float16."""
         peak, x = 0.0, ones
         for step in self.passes:
             x = step.apply(x)
-            peak = max(peak, float(x.max()))
+            peak = max(peak, float(x.abs().max()))
         self.scale = 2.0 ** math.floor(math.log2(_FP16_PEAK / peak)) if peak > 0 else 1.0
         splat = self.passes[0]
         self.passes[0] = Bags(splat.indices, splat.offsets, splat.weights * self.scale)
