@@ -33,7 +33,8 @@ def parse_args(argv=None):
                     "513), cached logits, scores.json and a per-class table; --crf adds the "
                     "dense CRF (stage two).")
     add_config_arguments(p)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of ours (.pth)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint of ours (.pth), or an exported .onnx file (export.py)")
     p.add_argument("--out", help="output folder (default: <run>/eval_<split>/ beside the "
                                  "checkpoint)")
     config_flag(p, "--data-root", "data.root", help="folder that contains the data set")

@@ -8,8 +8,7 @@
 onnx  the network of any architecture (`python Implementation/model.py` lists them), single scale
       or with --msc the MSC max fusion (scales from model.msc_scales=[...] if given, else the
       checkpoint's training config, else the paper's 0.75, 0.5), dynamic batch, height and width
-      (--fixed-size H W for networks whose padding depends on the input size, e.g. the TF Lite
-      DeepLab v3: 513 513). The file is then run in onnxruntime next to PyTorch on two images of
+      (--fixed-size H W: that size only, e.g. 513 513 as the TF Lite releases take). The file is then run in onnxruntime next to PyTorch on two images of
       different sizes (or the images of --check-images): the export fails unless the logits agree
       to a max relative difference of 1e-4 and every pixel's label is the same.
 int8  the same fp32 export, then onnxruntime's static QDQ quantisation (int8 weights per channel,

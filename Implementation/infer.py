@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("items", nargs="+", metavar="INPUT|KEY=VALUE",
                    help="image files and/or folders, and any config overrides "
                         "section.key=value (e.g. eval.precision=bf16)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of ours (.pth)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint of ours (.pth), or an exported .onnx file (export.py)")
     p.add_argument("--config", default="voc12",
                    help="recipe preset or YAML file (default: voc12, the paper's recipe)")
     p.add_argument("--out", help="output folder (default: runs/infer-<timestamp>)")

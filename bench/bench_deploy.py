@@ -8,8 +8,8 @@ TF Lite interpreter on the same real model.
 Models
   real   Google's DeepLab v3 MobileNetV2 (depth 1.0, output stride 16) from
          ../shared/real/models/deeplabv3_mnv2_pascal_quant.tflite through `convert.py tflite`,
-         single scale; exported with --fixed-size 513 513 (its TF SAME padding; the TF Lite
-         file takes 513 x 513 too)
+         single scale; exported with --fixed-size 513 513 (the size the TF Lite file takes,
+         so both run the same graph size)
   r101   DeepLab v2 ResNet-101 (random weights: speed only), single scale, 513 x 513
   demo   the demo model runs/demo/checkpoints/final.pth (`train.py --config demo`), with its
          MSC, on the demo val split (data/demo)

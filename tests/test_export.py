@@ -271,6 +271,16 @@ def test_wrong_uses_of_an_onnx_file_fail_clearly(files, tmp_path):
                         "--out", str(tmp_path / "x.onnx")]) == 2
 
 
+def test_a_fixed_size_file_takes_that_size_only(files, tmp_path):
+    out = tmp_path / "fixed.onnx"
+    assert export.main(["onnx", "--checkpoint", str(files["ckpt"]), "--out", str(out),
+                        "--fixed-size", "65", "81"]) == 0
+    ours = OnnxPredictor(out)
+    assert ours.logits(torch.zeros(1, 3, 65, 81)).shape[-2:] == (9, 11)
+    with pytest.raises(ValueError, match="65x81 inputs only"):
+        ours.logits(torch.zeros(1, 3, 57, 81))
+
+
 @pytest.mark.skipif(not (REAL / "models" / "deeplabv3_mnv2_pascal_quant.tflite").is_file(),
                     reason="needs ../shared/real (the TF Lite DeepLab v3 from "
                            "https://github.com/google-coral/test_data and VOC 2012 val images)")
@@ -283,13 +293,15 @@ def test_real_model_export_round_trip_on_real_images(tmp_path):
                          str(ckpt)]) == 0
     images = sorted((REAL / "voc_dev").rglob("*.jpg"))[:2]
     out = tmp_path / "mnv2.onnx"
-    assert export.main(["onnx", "--checkpoint", str(ckpt), "--out", str(out), "--fixed-size",
-                        "513", "513", "--check-images", str(images[0].parent)]) == 0
+    # dynamic height and width, although its TF SAME padding depends on each size's parity
+    assert export.main(["onnx", "--checkpoint", str(ckpt), "--out", str(out),
+                        "--check-images", str(images[0].parent)]) == 0
     check = json.loads(Path(str(out) + ".json").read_text())["check"]
     assert check["max_rel_diff"] <= TOLERANCE and check["label_agreement"] == 1.0
     ours, theirs = OnnxPredictor(out), Predictor(ckpt, device="cpu", msc_scales=())
     for path in images:
         image = load_image(path)
-        assert (ours.predict(image)[0] == theirs.predict(image)[0]).all()
-    with pytest.raises(ValueError, match="513x513 inputs only"):
-        ours.logits(torch.zeros(3, 321, 321))
+        for mode in ("voc", "full"):        # padded to 513, and at the photo's own size
+            assert (ours.predict(image, mode)[0] == theirs.predict(image, mode)[0]).all()
+    odd = load_image(images[0])[:321, :402]            # odd height, even width
+    assert (ours.predict(odd, "full")[0] == theirs.predict(odd, "full")[0]).all()

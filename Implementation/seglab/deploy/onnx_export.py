@@ -13,11 +13,11 @@ Input `image` (N, 3, H, W): the normalised image (seglab/data/transforms.py; the
 in the metadata, not in the graph, so `--norm` still works at inference); output `logits`
 (N, C, h, w) at the architecture's output stride, not upsampled, as every network of the seam.
 Batch, height and width are dynamic: the MSC branch sizes are computed in the graph from the
-input size (Caffe's Interp arithmetic), so one file serves every image size. A network whose
-padding is computed from the input size with branches (TensorFlow's SAME padding, asymmetric on
-even sizes) cannot become one graph for all sizes; `fixed_size` exports it for one size (513 x
-513, what the VOC protocol feeds and what the TF Lite releases take), and the check uses sizes
-of both parities so that a graph which is right for one parity only is caught.
+input size (Caffe's Interp arithmetic), so one file serves every image size; so is TensorFlow's
+SAME padding (asymmetric on even sizes) of the TF Lite DeepLab v3, which pads explicitly by
+symbolic amounts under export (deeplabv3_mnv2_tf.TFConv2d). The check uses sizes of both
+parities, so a graph right for one parity only is caught. `fixed_size` exports for one size
+only (e.g. 513 x 513, what the VOC protocol feeds and the TF Lite releases take).
 
 The graph comes from torch.export through `torch.onnx.export(dynamo=True)` (the exporter PyTorch
 maintains; the TorchScript exporter is deprecated), written as one self-contained file (weights

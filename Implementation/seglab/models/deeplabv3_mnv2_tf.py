@@ -68,15 +68,17 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     """(before, after) padding of TensorFlow's SAME along one axis: the output has
     ceil(size / stride) cells and the odd pixel of the total padding goes after."""
     effective = (kernel - 1) * dilation + 1
-    out = -(-size // stride)
-    total = max((out - 1) * stride + effective - size, 0)
+    out = (size + stride - 1) // stride
+    total = torch.sym_max((out - 1) * stride + effective - size, 0)
     return total // 2, total - total // 2
 
 
 class TFConv2d(nn.Conv2d):
     """nn.Conv2d with TensorFlow SAME padding, a bias and a fused activation (None, "relu",
     "relu6"). Symmetric padding goes to the convolution itself; asymmetric padding (stride 2 on
-    an even size) is an explicit F.pad, the extra pixel after, then an unpadded convolution."""
+    an even size) is an explicit F.pad, the extra pixel after, then an unpadded convolution.
+    Under torch.export the padding is always the explicit F.pad of symbolic amounts, so one
+    exported graph serves every input size (the eager path keeps the faster fused padding)."""
 
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, dilation=1,
                  groups=1, activation=None):
@@ -92,7 +94,7 @@ class TFConv2d(nn.Conv2d):
     def forward(self, x):
         pads = [same_padding(size, k, s, d) for size, k, s, d in
                 zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
-        if all(before == after for before, after in pads):
+        if not torch.compiler.is_exporting() and all(before == after for before, after in pads):
             y = F.conv2d(x, self.weight, self.bias, self.stride, tuple(p[0] for p in pads),
                          self.dilation, self.groups)
         else:
