@@ -20,7 +20,7 @@ measures, in one run:
 For each row: images per second, seconds per image, the projection to VOC val's 1,449 images
 (seconds per image x 1,449), and the share of the cores kept busy (CPU seconds of this process
 and its workers / (wall seconds x cores)). Run it on an idle machine; the load average before
-and after is recorded. Results: bench/results/stage_two.json.
+and after is recorded. Results: bench/results/stage_two_<precision>.json.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from seglab.evaluation.evaluate import EvalSettings, evaluate
 from seglab.models import build_model
 
 H, W, VOC_VAL = 375, 500, 1449
-RESULTS = Path(__file__).resolve().parent / "results" / "stage_two.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina")
 
 
@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
                   projected_network_then_crf_minutes=projected,
                   load_before=load_before, load_after=os.getloadavg()[0])
     if not args.quick:
-        write_report(report, RESULTS.with_name(f"stage_two_{args.precision}.json"))
+        write_report(report, RESULTS / f"stage_two_{args.precision}.json")
     return report
 
 
