@@ -391,6 +391,26 @@ def test_torchvision_file_and_imagenet_backbone_convert(tmp_path):
     assert all(k.startswith("classifier.") for k in ckpt["provenance"]["left_at_init"])
 
 
+def test_vainf_imagenet_backbone_convert(tmp_path):
+    """NAME=FILE with torchvision's ImageNet MobileNetV2 (VainF's starting point): features 0-17
+    become the low/high-level backbone, the classifier and the last 1x1 conv are dropped."""
+    from torchvision.models import mobilenet_v2
+    torch.manual_seed(0)
+    imagenet = mobilenet_v2(weights=None).state_dict()
+    torch.save(imagenet, tmp_path / "mnv2.pth")
+    out = tmp_path / "v3p.pth"
+    assert convert.main(["vainf", f"deeplabv3plus_mobilenet_vainf={tmp_path}/mnv2.pth",
+                         str(out), "--num-classes", "4"]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["arch"]["name"] == "deeplabv3plus_mobilenet_vainf"
+    assert ckpt["arch"]["num_classes"] == 4 and ckpt["trained_on"] == "imagenet"
+    assert torch.equal(ckpt["model"]["backbone.low_level_features.1.conv.0.0.weight"],
+                       imagenet["features.1.conv.0.0.weight"])
+    assert torch.equal(ckpt["model"]["backbone.high_level_features.17.conv.2.weight"],
+                       imagenet["features.17.conv.2.weight"])
+    assert all(k.startswith("classifier.") for k in ckpt["provenance"]["left_at_init"])
+
+
 def test_a_file_of_another_kind_is_a_clear_error(tmp_path, capsys):
     path = tmp_path / "x.pth"
     torch.save({"conv.weight": torch.zeros(1)}, path)

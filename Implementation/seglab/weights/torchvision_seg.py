@@ -146,6 +146,17 @@ def load_with_classes(arch: dict, mapped: dict, seed: int, optional=()) -> dict:
     return dict(state_dict=state, filled=filled, dropped=dropped, missing=missing)
 
 
+def load_backbone_only(mapped: dict, dropped: list, name: str, args, optional=()) -> dict:
+    """An ImageNet backbone's `mapped` tensors in a new network of architecture `name` (its
+    head initialised, seeded; `args.num_classes` or 21 classes): the converter's dict, with
+    the file's `dropped` keys; the training split defaults to "imagenet"."""
+    arch = dict(name=name, num_classes=args.num_classes or 21)
+    result = load_with_classes(arch, mapped, args.seed, optional=optional)
+    result["dropped"] = dropped
+    args.trained_on = args.trained_on or "imagenet"
+    return dict(arch=normalize_arch(arch), skipped=[], **result)
+
+
 def file_classes(mapped: dict, name: str) -> int:
     """The class count of a file: the first dimension of its class-dependent tensors."""
     shapes = {mapped[k].shape[0] for k in class_tensors(name) if k in mapped}
@@ -196,19 +207,14 @@ def convert(args) -> dict:
     name, path = split_input(args.input, "_tv")
     sd = load_state(path)
     if name is not None:  # an ImageNet backbone
-        mapped, dropped = imagenet_backbone(sd, name)
-        arch = dict(name=name, num_classes=args.num_classes or 21)
-        result = load_with_classes(arch, mapped, args.seed, optional=("classifier.",
-                                                                      "aux_classifier."))
-        result["dropped"] = dropped
-        args.trained_on = args.trained_on or "imagenet"
-    else:
-        name = identify(sd)
-        if name is None:
-            raise ConversionError(f"{path} is not a torchvision segmentation state_dict "
-                                  "(deeplabv3_*, fcn_*, lraspp_*); ImageNet backbones go as "
-                                  "NAME=FILE, VainF's checkpoints through `convert.py vainf`")
-        arch = dict(name=name, num_classes=args.num_classes or file_classes(sd, name))
-        result = load_with_classes(arch, dict(sd), args.seed, optional=("aux_classifier.",))
-        args.trained_on = args.trained_on or "coco"
+        return load_backbone_only(*imagenet_backbone(sd, name), name, args,
+                                  optional=("classifier.", "aux_classifier."))
+    name = identify(sd)
+    if name is None:
+        raise ConversionError(f"{path} is not a torchvision segmentation state_dict "
+                              "(deeplabv3_*, fcn_*, lraspp_*); ImageNet backbones go as "
+                              "NAME=FILE, VainF's checkpoints through `convert.py vainf`")
+    arch = dict(name=name, num_classes=args.num_classes or file_classes(sd, name))
+    result = load_with_classes(arch, dict(sd), args.seed, optional=("aux_classifier.",))
+    args.trained_on = args.trained_on or "coco"
     return dict(arch=normalize_arch(arch), skipped=[], **result)

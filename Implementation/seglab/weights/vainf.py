@@ -37,8 +37,9 @@ from pathlib import Path
 
 from seglab.models import normalize_arch
 from seglab.weights.common import ConversionError
-from seglab.weights.torchvision_seg import (file_classes, imagenet_resnet_names, load_state,
-                                            load_with_classes, resnet_depth, split_input)
+from seglab.weights.torchvision_seg import (file_classes, imagenet_resnet_names,
+                                            load_backbone_only, load_state, load_with_classes,
+                                            resnet_depth, split_input)
 
 HELP = ("a VainF/DeepLabV3Plus-Pytorch checkpoint (best_deeplabv3plus_resnet101_voc_os16.pth, "
         "...; the architecture is read from its keys), or NAME=FILE: an ImageNet "
@@ -102,23 +103,19 @@ def convert(args) -> dict:
     name, path = split_input(args.input, "_vainf")
     sd = load_state(path)
     if name is not None:  # an ImageNet backbone
-        mapped, dropped = imagenet_backbone(sd, name)
-        arch = dict(name=name, num_classes=args.num_classes or 21)
-        result = load_with_classes(arch, mapped, args.seed, optional=("classifier.",))
-        result["dropped"] = dropped
-        args.trained_on = args.trained_on or "imagenet"
-    else:
-        name = identify(sd)
-        if name is None:
-            raise ConversionError(f"{path} is not a VainF DeepLabV3/V3+ checkpoint with a "
-                                  "MobileNetV2 or ResNet-50/101 backbone (their `model_state`, "
-                                  "keys backbone.* and classifier.*); ImageNet backbones go as "
-                                  "NAME=FILE, torchvision's files through `convert.py "
-                                  "torchvision-seg`")
-        implied, why = options(sd, path)
-        arch = dict(name=name, num_classes=args.num_classes or file_classes(sd, name), **implied)
-        result = load_with_classes(arch, dict(sd), args.seed)
-        result["provenance"] = dict(output_stride=why)
-        if "voc" in Path(str(path)).name.lower():
-            args.trained_on = args.trained_on or "train_aug"
+        return load_backbone_only(*imagenet_backbone(sd, name), name, args,
+                                  optional=("classifier.",))
+    name = identify(sd)
+    if name is None:
+        raise ConversionError(f"{path} is not a VainF DeepLabV3/V3+ checkpoint with a "
+                              "MobileNetV2 or ResNet-50/101 backbone (their `model_state`, "
+                              "keys backbone.* and classifier.*); ImageNet backbones go as "
+                              "NAME=FILE, torchvision's files through `convert.py "
+                              "torchvision-seg`")
+    implied, why = options(sd, path)
+    arch = dict(name=name, num_classes=args.num_classes or file_classes(sd, name), **implied)
+    result = load_with_classes(arch, dict(sd), args.seed)
+    result["provenance"] = dict(output_stride=why)
+    if "voc" in Path(str(path)).name.lower():
+        args.trained_on = args.trained_on or "train_aug"
     return dict(arch=normalize_arch(arch), skipped=[], **result)
