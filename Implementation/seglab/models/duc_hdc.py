@@ -85,5 +85,5 @@ ARCHITECTURE = Architecture(
     summary="DUC-HDC: ResNet-101 with hybrid dilation 1/2/5/9, dense upsampling convolution "
             "(Wang et al. 2018)",
     input_norm="imagenet", output_stride=lambda arch: 1,
-    param_groups=lambda net, lr, wd: simple_param_groups(net, lr, wd),  # release: no lr_mult
+    param_groups=simple_param_groups,  # release: no lr_mult
     train_outputs="msc", loss_weights=(1.0,))

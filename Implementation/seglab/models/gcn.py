@@ -112,5 +112,5 @@ ARCHITECTURE = Architecture(
     summary="GCN: ResNet-152, k x 1 + 1 x k global convolutions (k = 15), boundary refinement "
             "(Peng et al. 2017)",
     input_norm="imagenet", output_stride=lambda arch: 1,
-    param_groups=lambda net, lr, wd: simple_param_groups(net, lr, wd),
+    param_groups=simple_param_groups,
     train_outputs="msc", loss_weights=(1.0,))

@@ -76,5 +76,5 @@ ARCHITECTURE = Architecture(
     summary="SegNet: VGG16-BN encoder, decoder unpooling with the pooling indices "
             "(Badrinarayanan et al. 2017)",
     input_norm="imagenet", output_stride=lambda arch: 1,
-    param_groups=lambda net, lr, wd: simple_param_groups(net, lr, wd),
+    param_groups=simple_param_groups,
     train_outputs="msc", loss_weights=(1.0,))

@@ -138,5 +138,5 @@ ARCHITECTURE = Architecture(
     name="unet", build=build,
     summary="U-Net: valid convolutions, overlap-tile mirror padding (Ronneberger et al. 2015)",
     input_norm="imagenet", output_stride=lambda arch: 1,
-    param_groups=lambda net, lr, wd: simple_param_groups(net, lr, wd),
+    param_groups=simple_param_groups,
     train_outputs="msc", loss_weights=(1.0,))
