@@ -17,11 +17,16 @@ ImageNet backbones of the classic networks. We never download weights for you, e
 word `download` where torchvision's own download code serves.
 
 Each conversion writes OUT (our checkpoint) and OUT.json (the resolved arguments and a summary).
-Each checkpoint records `trained_on` (guessed from the file, or --trained-on), the input
-normalisation the weights expect (`input_norm`: "caffe" = BGR 0..255 minus the mean,
-"imagenet" = RGB 0..1 with ImageNet mean/std, "tf" = RGB scaled to [-1, 1]) and provenance
-(source file, sha256, converter, what was skipped or dropped). Evaluation reads `trained_on` to
-warn loudly when the weights have seen the split being scored.
+Each checkpoint records what the weights are: `trained_on` (guessed from the file, or
+--trained-on), the input normalisation the weights expect (`input_norm`: "caffe" = BGR 0..255
+minus the mean, "imagenet" = RGB 0..1 with ImageNet mean/std, "tf" = RGB scaled to [-1, 1]), the
+source's published test recipe (`recipe`: scales, fusion, resizing, protocol, with the source
+cited; each module's RECIPE under seglab/weights/), the data set whose classes the head predicts
+with their names and colours, and provenance (source file, sha256, converter, what was skipped
+or dropped). evaluate.py and infer.py run a checkpoint with its recipe; evaluation reads
+`trained_on` to warn loudly when the weights have seen the split being scored. ImageNet
+backbones (`torchvision`, `imagenet_backbones`) carry no recipe and no classes: they are
+starting points for training.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ import json
 import sys
 from pathlib import Path
 
-from seglab.checkpoint import CheckpointError, atomic_save, make_checkpoint, sha256
+from seglab.checkpoint import CheckpointError, atomic_save, label_facts, make_checkpoint, sha256
+from seglab.data.registry import dataset_class
 from seglab.weights import caffe, published, torchvision_imagenet
 from seglab.weights import tflite
 from seglab.weights import torchvision_seg as tv_seg, vainf
@@ -89,6 +95,22 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def what_it_is(module, arch: dict, left_at_init) -> dict:
+    """The source's test recipe (module.RECIPE) and, where its head came from the file and is
+    one of the source's published label sets (module.LABELS by class count), that data set's
+    classes and colours. A head left at its init (another --num-classes, an init model whose
+    classifier was dropped) predicts no classes yet: none are recorded."""
+    facts = {}
+    if getattr(module, "RECIPE", None):
+        facts["recipe"] = dict(module.RECIPE)
+    dataset = getattr(module, "LABELS", {}).get(arch["num_classes"])
+    if dataset and not left_at_init:
+        cls = dataset_class(dataset)
+        names = list(cls.classes)[:arch["num_classes"]]
+        facts.update(label_facts(dataset, names, cls.colors[:len(names)]))
+    return facts
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.source, args.source_sha256 = str(args.input), None
@@ -109,15 +131,19 @@ def main(argv=None) -> int:
                 left_at_init=result["missing"], input_norm=input_norm)
             provenance.update(result.get("provenance", {}))  # the converter's own facts
             ckpt = make_checkpoint(result["arch"], result["state_dict"], trained_on, provenance,
-                                   input_norm=input_norm)
+                                   input_norm=input_norm,
+                                   **what_it_is(module, result["arch"], result["missing"]))
             atomic_save(ckpt, args.output)
             summary = dict(arch=result["arch"], trained_on=trained_on, provenance=provenance,
-                           filled=result["filled"], total=len(result["state_dict"]))
+                           filled=result["filled"], total=len(result["state_dict"]),
+                           recipe=ckpt.get("recipe"), dataset=ckpt.get("dataset"))
             print(f"wrote {args.output}: {result['filled']} tensors filled from {args.source}; "
                   f"skipped {len(result['skipped'])}; dropped "
                   f"{len(result['dropped'])}: {result['dropped'] or 'nothing'}; "
                   f"{len(result['missing'])} left at init; trained_on={trained_on}; "
-                  f"input_norm={input_norm}")
+                  f"input_norm={input_norm}; test recipe: "
+                  f"{(ckpt.get('recipe') or {}).get('source', 'none (a backbone)')}; classes: "
+                  f"{ckpt.get('dataset') or 'none recorded'}")
             if trained_on is None:
                 print("note: could not tell what the weights were trained on from the file name; "
                       "pass --trained-on so evaluation can warn about train/test overlap",

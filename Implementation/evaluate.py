@@ -1,5 +1,7 @@
-"""Score a checkpoint on a split: inference with the VOC protocol (MSC by default), cached
-logits, scores.json and a per-class table; the dense CRF (stage two) with --crf.
+"""Score a checkpoint on a split: inference with the checkpoint's own recipe (DeepLab v2's: MSC,
+the VOC protocol), cached logits, scores.json and a per-class table in the checkpoint's class
+names; the dense CRF (stage two) with --crf. The recipe is printed in one line at the start
+(seglab/recipe.py: command line > checkpoint > architecture > DeepLab v2's).
 
     python Implementation/evaluate.py --checkpoint runs/voc12/checkpoints/final.pth --split val
     python Implementation/evaluate.py --checkpoint C --crf --crf-params runs/crf_search/best.json
@@ -14,14 +16,14 @@ import argparse
 import sys
 
 from seglab.checkpoint import CheckpointError
-from seglab.config import (ConfigError, add_config_arguments, config_flag, config_from_args,
-                           explicit_model_settings)
+from seglab.config import ConfigError, add_config_arguments, config_flag, config_from_args
 from seglab.config import parse_args as parse_config_args
 from seglab.data.images import DataError
 from seglab.densecrf.params import BACKENDS
 from seglab.device import DeviceError
 from seglab.evaluation.evaluate import EvalSettings, EvaluationError, evaluate
 from seglab.evaluation.logit_cache import LogitCacheError
+from seglab.data.transforms import NORMS
 
 EXPECTED = (CheckpointError, ConfigError, DataError, DeviceError, EvaluationError,
             LogitCacheError, FileNotFoundError, ValueError, ImportError)
@@ -56,7 +58,7 @@ def parse_args(argv=None):
     config_flag(p, "--trimap", "eval.trimap", type=int, nargs="+", metavar="W",
                 help="also score trimap bands of these widths (px)")
     config_flag(p, "--limit", "eval.limit", type=int, help="only the first N images")
-    config_flag(p, "--norm", "data.norm", choices=("caffe", "imagenet", "tf"),
+    config_flag(p, "--norm", "data.norm", choices=NORMS,
                 help="input normalisation (auto: the checkpoint's)")
     config_flag(p, "--recompute", "eval.recompute", action="store_true",
                 help="ignore cached logits")
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
         if getattr(args, "cfg:eval.crf") is None and not any(
                 o.startswith("eval.crf=") for o in args.overrides):
             cfg["eval"]["crf"] = False
-        settings = EvalSettings.from_config(cfg, **explicit_model_settings(args.overrides, cfg))
+        settings = EvalSettings.from_config(cfg)   # unset recipe keys: the checkpoint's
         evaluate(args.checkpoint, settings, out_dir=args.out)
     except EXPECTED as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,14 +28,15 @@ import sys
 from pathlib import Path
 
 from seglab.checkpoint import CheckpointError
-from seglab.config import (ConfigError, add_config_arguments, config_flag, config_from_args,
-                           explicit_model_settings)
+from seglab.config import ConfigError, add_config_arguments, config_flag, config_from_args
 from seglab.config import parse_args as parse_config_args
+from seglab.recipe import explicit_recipe
 from seglab.data.images import DataError, load_image
 from seglab.deploy.onnx_export import export_onnx
 from seglab.deploy.onnx_file import ExportError
 from seglab.deploy.quantize import DEFAULT_CROPS, DEFAULT_METHOD, METHODS, quantize_checkpoint
 from seglab.inference.batch import find_images
+from seglab.data.transforms import NORMS
 
 EXPECTED = (CheckpointError, ConfigError, DataError, ExportError, FileNotFoundError, ValueError,
             ImportError)
@@ -57,7 +58,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
                    help="export for this input size only (default: dynamic)")
     p.add_argument("--check-images", help="a folder of images for the PyTorch/ONNX check "
                                            "(default: two synthetic scenes)")
-    config_flag(p, "--norm", "data.norm", choices=("caffe", "imagenet", "tf"),
+    config_flag(p, "--norm", "data.norm", choices=NORMS,
                 help="input normalisation (auto: the checkpoint's)")
     if name == "int8":
         config_flag(p, "--calibration", "data.root",
@@ -108,13 +109,12 @@ def check_images(folder, limit: int = 4):
 
 def run(args) -> dict:
     cfg = config_from_args(args)
-    model = explicit_model_settings(args.overrides, cfg)
-    norm = None if cfg["data"]["norm"] == "auto" else cfg["data"]["norm"]
-    common = dict(msc=args.msc, msc_scales=model.get("msc_scales"), fixed_size=args.fixed_size,
-                  norm=norm, check_images=check_images(args.check_images),
-                  msc_fusion=cfg["eval"]["msc_fusion"])
+    given = explicit_recipe(cfg)   # the rest: the checkpoint's recipe (seglab/recipe.py)
+    common = dict(msc=args.msc, msc_scales=given.get("msc_scales"), fixed_size=args.fixed_size,
+                  norm=given.get("norm"), check_images=check_images(args.check_images),
+                  msc_fusion=given.get("msc_fusion"))
     if args.command == "onnx":
-        return export_onnx(args.checkpoint, args.out, interp=model.get("interp"), **common)
+        return export_onnx(args.checkpoint, args.out, interp=given.get("interp"), **common)
     d = cfg["data"]
     return quantize_checkpoint(args.checkpoint, args.out, d["root"], count=args.crops,
                                crop=d["crop"], split=d["train_split"], seed=args.seed,

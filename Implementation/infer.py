@@ -8,7 +8,8 @@ letter case). Grayscale, palette, RGBA (alpha dropped) and 16-bit images are rea
 (seglab/data/images.py). Output names keep each image's path under its input folder (the folder's
 own name first), with ".png":
 
-  <out>/pred/<name>.png       predicted labels, palette PNG with the VOC colours (values = class)
+  <out>/pred/<name>.png       predicted labels, palette PNG in the model's class colours
+                              (pixel value = class index)
   <out>/pred_crf/<name>.png   after the dense CRF (--crf)
   <out>/overlay/<name>.png    the image tinted with the class colours + a legend of the classes
                               found (--overlay)
@@ -16,7 +17,13 @@ own name first), with ".png":
   <out>/config.yaml           the resolved config
 
 Photos larger than infer.max_side (1025 px on the longer side) run at that size and their
-labels are brought back to full size, so memory stays bounded (seglab/inference/batch.py).
+labels are brought back to full size, so memory stays bounded (seglab/inference/batch.py). A
+JPEG's EXIF orientation is applied first, as photo viewers do: the labels (and overlays) are in
+the orientation the photo is shown in, not the stored one.
+
+The model runs with its own recipe (scales, fusion, protocol, input normalisation: the
+checkpoint's, printed in one line and saved in config.yaml) unless a flag or override sets one;
+class names and colours are the checkpoint's.
 
 A file that cannot be read is reported and skipped; the others are still written. The run ends
 with a summary (images written, failures with their reasons) and exits with status 1 if any
@@ -33,29 +40,27 @@ import time
 from pathlib import Path
 
 from seglab.checkpoint import CheckpointError
-from seglab.config import (ConfigError, config_flag, config_from_args, explicit_model_settings,
-                           save_config)
+from seglab.config import ConfigError, config_flag, config_from_args, save_config
 from seglab.config import parse_args as parse_config_args
 from seglab.densecrf.dense_crf import DenseCRF
 from seglab.densecrf.params import BACKENDS, crf_params_from_config, is_torch_backend
 from seglab.device import DeviceError
-from seglab.inference.batch import find_images, infer
+from seglab.inference.batch import find_images, infer, summary
 from seglab.deploy import load_predictor  # a checkpoint, or an .onnx file (export.py)
+from seglab.recipe import explicit_recipe, fill_config
+from seglab.data.transforms import NORMS
 
 OVERRIDE = re.compile(r"^[a-z_]+\.[a-z_.]+=")
 EXPECTED = (CheckpointError, ConfigError, DeviceError, ImportError, FileNotFoundError, ValueError)
 
 
-def summary(written, failed, out_dir) -> str:
-    lines = [f"{len(written)} image(s) written to {out_dir}, {len(failed)} failed"]
-    lines += [f"  FAILED {path}: {reason}" for path, reason in failed]
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Segment images with a checkpoint: each INPUT is an image or a folder "
-                    "(recursive; jpg/jpeg/png/bmp/webp). Writes VOC palette PNGs to <out>/pred/.")
+                    "(recursive; jpg/jpeg/png/bmp/webp), read in its EXIF orientation (as "
+                    "viewers show it). Writes palette PNGs in the model's class colours to "
+                    "<out>/pred/, in that orientation. The model runs with its checkpoint's "
+                    "recipe unless a flag or KEY=VALUE sets one.")
     p.add_argument("items", nargs="+", metavar="INPUT|KEY=VALUE",
                    help="image files and/or folders, and any config overrides "
                         "section.key=value (e.g. eval.precision=bf16)")
@@ -79,7 +84,7 @@ def parse_args(argv=None):
     config_flag(p, "--precision", "eval.precision", choices=("fp32", "bf16"),
                 help="bf16: autocast on CUDA / CPUs with AVX512-BF16 or AMX")
     config_flag(p, "--device", "run.device", help="auto | cpu | cuda | cuda:N")
-    config_flag(p, "--norm", "data.norm", choices=("caffe", "imagenet", "tf"),
+    config_flag(p, "--norm", "data.norm", choices=NORMS,
                 help="input normalisation (auto: the checkpoint's)")
     args = parse_config_args(p, argv)
     args.overrides = [i for i in args.items if OVERRIDE.match(i) and not Path(i).exists()]
@@ -105,19 +110,22 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"no images (.jpg/.jpeg/.png/.bmp/.webp) found in "
                                     f"{args.inputs}")
         e = cfg["eval"]
+        given = explicit_recipe(cfg)   # the rest comes from the checkpoint (seglab/recipe.py)
+        if "msc_scales" in given:
+            given["msc_scales"] = tuple(given["msc_scales"])
         predictor = load_predictor(args.checkpoint, device=cfg["run"]["device"],
-                              precision=e["precision"],
-                              norm=None if cfg["data"]["norm"] == "auto" else cfg["data"]["norm"],
-                              flip=e["flip"], msc_fusion=e["msc_fusion"],
-                              **explicit_model_settings(args.overrides, cfg))
+                                   precision=e["precision"], flip=e["flip"], **given)
+        print(predictor.describe(), file=sys.stderr)
         crf = None
         if e["crf"]:
             backend = cfg["crf"]["backend"]
             crf = DenseCRF(crf_params_from_config(cfg["crf"]), backend=backend,
                            device=str(predictor.device) if is_torch_backend(backend) else "cpu")
         out_dir.mkdir(parents=True, exist_ok=True)
+        fill_config(cfg, predictor.recipe)   # the saved config is the resolved one
         save_config(dict(cfg, checkpoint=args.checkpoint, inputs=args.inputs,
-                         predictor=predictor.settings()), out_dir)
+                         recipe=dict(predictor.recipe, sources=predictor.recipe_sources),
+                         classes=predictor.classes, predictor=predictor.settings()), out_dir)
     except EXPECTED as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -125,10 +133,11 @@ def main(argv=None) -> int:
         print(f"error: cannot write to {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     i = cfg["infer"]
-    written, errors = infer(predictor, images, out_dir, e["mode"], e["pad_to"], crf,
+    written, errors = infer(predictor, images, out_dir, None, None, crf,
                             i["overlay"], i["save_probs"], max_side=i["max_side"])
     failed += errors
     print(summary(written, failed, out_dir))
+    print(predictor.describe())
     return 1 if failed else 0
 
 

@@ -15,24 +15,31 @@ overwritten: continue it with --resume, or start over with --force.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 from seglab.checkpoint import CheckpointError
-from seglab.config import (ConfigError, add_config_arguments, config_from_args, parse_args as
-                           parse_config_args, save_config, upgrade_legacy)
+from seglab.config import (ConfigError, add_config_arguments, arch_from_config, config_from_args,
+                           given_keys, parse_args as parse_config_args, save_config,
+                           upgrade_legacy)
 from seglab.data.check import check_split
 from seglab.data.demo import make_demo_dataset
 from seglab.data.images import DataError
-from seglab.data.registry import training_dataset
+from seglab.data.folder import warn_unlabelled
+from seglab.data.registry import resolve_num_classes, training_dataset
 from seglab.device import DeviceError
 from seglab.evaluation.evaluate import EvalSettings, EvaluationError, evaluate
 from seglab.evaluation.baseline import background_baseline
 from seglab.training.distributed import barrier, setup_distributed, teardown
-from seglab.training.init import TrainingError, prepare_init
-from seglab.training.loop import Interrupted, input_norm, train
+from seglab.models import normalize_arch
+from seglab.recipe import RECIPE_FIELDS, describe, explicit_recipe, fill_config, resolve_recipe
+from seglab.training.class_map import parse_class_map
+from seglab.training.init import (TrainingError, adopt_architecture, init_checkpoint,
+                                  plan_class_groups, prepare_init)
+from seglab.training.loop import Interrupted, train
 from seglab.training.run_dir import RunDirError, claim_run_dir, make_run_dir
 from seglab.training.state import load_training_checkpoint, resolve_resume
 
@@ -42,8 +49,9 @@ EXPECTED = (ConfigError, CheckpointError, DataError, DeviceError, EvaluationErro
 
 def evaluate_final(cfg: dict, checkpoint: Path, run_dir: Path, show_progress=True) -> dict:
     """Score the final model on data.val_split (and with the CRF), next to the baseline."""
-    settings = EvalSettings.from_config(cfg, msc_scales=tuple(cfg["model"]["msc_scales"]),
-                                        interp=cfg["model"]["interp"])
+    # the recipe is the final checkpoint's, which is the run's resolved one (saved with it)
+    settings = dataclasses.replace(EvalSettings.from_config(cfg),
+                                   **{key: None for key in RECIPE_FIELDS})
     scores = evaluate(checkpoint, settings, out_dir=run_dir / "eval_val",
                       show_progress=show_progress)
     d = cfg["data"]
@@ -63,7 +71,13 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--init", help="scratch | imagenet | imagenet=FILE | a converted checkpoint "
-                                  "or one of ours (overrides train.init)")
+                                  "or one of ours (overrides train.init). A checkpoint also "
+                                  "gives the architecture and its recipe (scales, input "
+                                  "normalisation) unless model.name / the recipe keys are set")
+    p.add_argument("--init-class", action="append", default=[], metavar="NEW=OLD1,OLD2",
+                   help="class-mapped init: start class NEW of the data set from the classes "
+                        "OLD1, OLD2 of the --init checkpoint (repeatable; equal names map by "
+                        "themselves; adds to train.init_classes)")
     p.add_argument("--resume", metavar="RUN_DIR|FILE",
                    help="continue a run exactly from its checkpoints/last.pth")
     p.add_argument("--run-dir", help="run folder (default: run.out/<preset>-<timestamp>)")
@@ -84,8 +98,21 @@ def resolve(args) -> tuple[dict, Path, dict | None]:
     cfg = config_from_args(args)
     if args.init:
         cfg["train"]["init"] = args.init
+    try:
+        cfg["train"]["init_classes"] = {**parse_class_map(cfg["train"]["init_classes"]),
+                                        **parse_class_map(args.init_class)}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    init = init_checkpoint(cfg)
+    note = adopt_architecture(cfg, init, given_keys(args))
     prepare_init(cfg)
-    cfg["data"]["norm"] = input_norm(cfg)
+    # the training and test recipe: command line > init checkpoint > architecture > the paper's
+    recipe, sources = resolve_recipe(explicit_recipe(cfg), init, arch_from_config(cfg))
+    fill_config(cfg, recipe)
+    d = cfg["data"]
+    d["num_classes"] = resolve_num_classes(d["dataset"], d["root"], d["num_classes"])
+    normalize_arch(arch_from_config(cfg))              # an option the checkpoint gave is valid
+    print("\n".join(filter(None, [note, describe(recipe, sources)])), file=sys.stderr)
     return cfg, Path(args.run_dir) if args.run_dir else make_run_dir(cfg), None
 
 
@@ -96,6 +123,8 @@ def prepare_data(cfg: dict, rank: int):
         make_demo_dataset(d["root"], **d["demo_args"])
     barrier()
     dataset = training_dataset(cfg)
+    if d["dataset"] == "folder" and rank == 0:
+        warn_unlabelled(d["root"])
     if len(dataset) == 0:
         raise DataError(f"the training split {d['train_split']!r} under {d['root']} is empty "
                         f"({dataset.list_path}): nothing to train on. Check the split list.")
@@ -114,9 +143,20 @@ def main(argv=None) -> int:
         cfg, run_dir, resume = resolve(args)
         rank, _, _ = setup_distributed()
         lock = claim_run_dir(run_dir, resume=bool(resume), force=args.force) if rank == 0 else None
+        dataset = prepare_data(cfg, rank)
+        groups = None if resume else plan_class_groups(cfg, dataset)
+        if groups and rank == 0:
+            print(groups, file=sys.stderr)
+        t = cfg["train"]
+        if t["epochs"] and not resume and "train.iterations" not in given_keys(args):
+            # a length in passes over the data; an explicit train.iterations wins, and a
+            # resumed run keeps the count it started with
+            t["iterations"] = -(-t["epochs"] * len(dataset) // t["effective_batch"])
+        elif not resume:
+            t["epochs"] = 0                          # the saved config: what decided the length
         if rank == 0:
             save_config(cfg, run_dir)
-        final = train(cfg, run_dir, prepare_data(cfg, rank), resume)
+        final = train(cfg, run_dir, dataset, resume)
         teardown()
         if rank == 0 and not args.no_eval and cfg["eval"]["after_train"]:
             evaluate_final(cfg, final, run_dir)

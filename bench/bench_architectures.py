@@ -21,28 +21,23 @@ Columns:
   bf16 x      median over rounds of fp32 time / bf16 time within the round (paired)
 
 Timing: per architecture, one warm-up call per precision, then `--reps` rounds of one fp32 and
-one bf16 call, interleaved (the order alternates), so load on a shared machine hits both alike;
+one bf16 call, interleaved (common.interleaved; the order alternates), so load on a shared
+machine hits both alike;
 the table shows each precision's best call (the least disturbed), the JSON every call. Inputs
 are random 513x513 normalised images (the weights are random too: speed does not depend on
 them). Run it on an idle machine: other processes slow every row.
 
 `--quick` is a smoke check: every architecture at 129x129, one round, to
 bench/results/architectures_quick.json (GMACs are still counted at 513).
-Results: a printed table and bench/results/architectures.json (machine, torch version, threads,
-load average at the start).
+Results: a printed table and bench/results/architectures.json (common.write_report: settings,
+machine with the load average at the start and end, a row per architecture with every call).
 """
 from __future__ import annotations
 
-from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
-import argparse
-import os
-import platform
-import statistics
+from common import RESULTS, interleaved, machine, paired, write_report  # noqa: E402
+import argparse  # (common also puts Implementation/ on sys.path)
 import sys
-import time
 import warnings
-from pathlib import Path
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,7 +45,6 @@ from seglab.device import bf16_supported
 from seglab.inference.predictor import Predictor
 from seglab.models import ARCHITECTURES, DEFAULT, build_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZE, NUM_CLASSES = 513, 21
 
 
@@ -77,22 +71,15 @@ def count(name: str, size: int = SIZE) -> dict:
 
 def time_predictors(name: str, size: int, reps: int, precisions) -> dict:
     """{precision: [seconds per call]} for Predictor.logits on one size x size image,
-    interleaved over `reps` rounds after one warm-up call each."""
+    interleaved over `reps` rounds (the order alternating) after one warm-up call each."""
     torch.manual_seed(0)
     net = build_model({"name": name, "num_classes": NUM_CLASSES})
     predictors = {p: Predictor(net, device="cpu", precision=p, msc_scales=())
                   for p in precisions}
     del net
     x = torch.randn(3, size, size, generator=torch.Generator().manual_seed(1))
-    for p in predictors.values():
-        p.logits(x)
-    times = {p: [] for p in predictors}
-    for r in range(reps):
-        for p in (precisions if r % 2 == 0 else precisions[::-1]):
-            start = time.perf_counter()
-            predictors[p].logits(x)
-            times[p].append(time.perf_counter() - start)
-    return times
+    calls = {p: (lambda k, p=p: predictors[p].logits(x)) for p in precisions}
+    return interleaved(calls, reps, alternate=True)[0]
 
 
 def row(name: str, size: int, reps: int, bf16: bool) -> dict:
@@ -103,8 +90,7 @@ def row(name: str, size: int, reps: int, bf16: bool) -> dict:
     out["fp32_s"] = min(times["fp32"])
     if bf16:
         out["bf16_s"] = min(times["bf16"])
-        out["bf16_speedup"] = statistics.median(a / b for a, b in zip(times["fp32"],
-                                                                        times["bf16"]))
+        out["bf16_speedup"] = paired(times["fp32"], times["bf16"])
     return out
 
 
@@ -132,7 +118,7 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     size, reps = (129, 1) if args.quick else (SIZE, args.reps)
     bf16 = bf16_supported(torch.device("cpu"))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    info = machine()
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -140,13 +126,11 @@ def main(argv=None) -> int:
             rows.append(row(name, size, reps, bf16))
             print(f"  {name}: fp32 {rows[-1]['fp32_s']:.3f} s", file=sys.stderr, flush=True)
     print_table(rows, size)
-    report = dict(size=size, reps=reps, quick=args.quick, threads=torch.get_num_threads(),
-                  bf16_native=bf16, torch=torch.__version__, machine=platform.machine(),
-                  processor=platform.processor(), cpus=os.cpu_count(), load_at_start=load,
-                  rows=rows)
     out = args.out or RESULTS / ("architectures_quick.json" if args.quick else
                                  "architectures.json")
-    write_report(report, out)
+    write_report(dict(size=size, reps=reps, quick=args.quick, threads=torch.get_num_threads(),
+                      archs=[r["name"] for r in rows], bf16_native=bf16, gmacs_size=SIZE),
+                 info, rows, {}, out)
     return 0
 
 

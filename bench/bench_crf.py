@@ -1,4 +1,5 @@
-"""Dense CRF speed: per-image time and multi-process throughput of `crf.run_crf`.
+"""Dense CRF speed: per-image time and multi-process throughput of `run_crf`
+(seglab/densecrf/runner.py, what `crf.py` and `evaluate.py --crf` run).
 
     python bench/bench_crf.py [--images 8] [--workers 1 2] [--repeats 3]
         [--backends pydensecrf torch]
@@ -6,10 +7,13 @@
 Generates VOC-size test data in a temp folder: `--images` crops of 500x375 (W x H, the usual
 VOC landscape size) from matplotlib's sample photo (a real photograph, so the bilateral lattice
 is as busy as on VOC images), with cached logits as evaluate.py writes them: 21 classes at 1/8
-resolution (65x65) of the 513x513 padded input, a blurred noisy one-hot of a few regions.
+resolution (65x65) of the 513x513 padded input, a blurred noisy one-hot of a few regions
+(seglab/evaluation/logit_cache.py's format). The photo and its crops: common.source_photo and
+common.photo_crops.
 
 For each backend it measures
-  per-image   one process: load + upsample + unary (prep) and the CRF itself, 10 iterations
+  per-image   one process: load + upsample + unary (prep: load_crf_inputs) and the CRF itself
+              (DenseCRF.infer), 10 iterations
   run_crf     throughput through `run_crf` with each worker count, in --repeats alternating
               rounds (the host's speed drifts; each N is compared with the 1-worker run of
               its own round, and the table gives the median): end to end (pool start
@@ -17,27 +21,25 @@ For each backend it measures
               own timestamps), and the parallel efficiency = throughput(N) / (N x throughput(1))
               ("eff. cpu": job CPU time with 1 worker / with N, which other load on the
               machine does not skew; it shows what running N jobs at once costs each job)
-Prints a table and writes bench/results/crf.json. On a shared machine, other load skews the
-wall-clock numbers: the load average before and after each run is recorded with them.
+Prints a table and writes bench/results/crf.json (common.write_report: a row per backend and
+worker count as printed; the summary holds each backend's per-image times and every round). On a
+shared machine, other load skews the wall-clock numbers: the load average at the start and end,
+and after each run, is recorded with them.
 """
 from __future__ import annotations
 
-from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
-import argparse
-import json
+from common import machine, photo_crops, source_photo, write_report  # noqa: E402
+import argparse  # (common also puts Implementation/ on sys.path)
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from scipy import ndimage
 
-from seglab.data.images import load_image
 from seglab.densecrf.dense_crf import DenseCRF, load_crf_inputs
 from seglab.densecrf.params import CRFParams
 from seglab.densecrf.runner import CRFJob, run_crf
@@ -47,27 +49,11 @@ H, W, NUM_CLASSES, PAD = 375, 500, 21, 513
 RESULTS = Path(__file__).resolve().parent / "results" / "crf.json"
 
 
-def source_photo() -> np.ndarray:
-    """A real photograph (matplotlib's sample data), or a synthetic scene if it is missing."""
-    import matplotlib
-    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    if path.is_file():
-        return load_image(path)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:600, :600]
-    base = np.stack([(xx // 75) * 30, (yy // 60) * 25, ((xx + yy) // 90) * 20], -1) % 256
-    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
-
-
 def make_data(folder: Path, n: int) -> list[CRFJob]:
     """n 500x375 crops + cached 21-class logits (65x65 for a 513x513 padded input)."""
     photo, rng = source_photo(), np.random.default_rng(0)
     jobs = []
-    for k in range(n):
-        y0 = int(rng.integers(0, photo.shape[0] - H + 1))
-        x0 = int(rng.integers(0, photo.shape[1] - W + 1))
-        image = photo[y0:y0 + H, x0:x0 + W]
-        image = np.ascontiguousarray(image[:, ::-1] if k % 2 else image)
+    for k, image in enumerate(photo_crops(photo, n, H, W, rng)):
         path = folder / "JPEGImages" / f"bench_{k:03d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path, quality=90)
@@ -156,10 +142,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output file")
     args = parser.parse_args(argv)
     params = CRFParams()  # the paper's: 10 iterations, w_bi 4, 67 / 3, w_pos 3, 1
-    report = {"image_size_hw": [H, W], "num_classes": NUM_CLASSES, "params": params.to_dict(),
-              "images": args.images, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-              "load_average_at_start": list(os.getloadavg()), "torch": torch.__version__,
-              "platform": platform.platform(), "processor": platform.processor(), "backends": {}}
+    info = machine()
+    backends = {}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = make_data(Path(tmp), args.images)
         for backend in args.backends:
@@ -169,23 +153,30 @@ def main(argv=None) -> dict:
                 runs = [throughput(jobs, params, backend, args.device, w) for w in args.workers]
                 add_efficiency(runs)
                 rounds.append(runs)
-            report["backends"][backend] = {"per_image": single, "rounds": rounds,
-                                           "run_crf": summarise(rounds)}
+            backends[backend] = {"per_image": single, "rounds": rounds,
+                                 "run_crf": summarise(rounds)}
 
     print(f"dense CRF, {W}x{H}, {NUM_CLASSES} labels, {params.iterations} iterations, "
           f"{args.images} images, {os.cpu_count()} cores "
-          f"(load average at start {report['load_average_at_start'][0]:.2f}); "
+          f"(load average at start {info['load_average_at_start'][0]:.2f}); "
           f"median of {args.repeats} alternating rounds, efficiency range in brackets")
     print(f"{'backend':<11}{'workers':>8}{'s/img (1 proc)':>16}{'cpu s/img':>11}"
           f"{'job cpu s':>11}{'img/s wall':>12}{'img/s steady':>14}{'eff. wall':>23}"
           f"{'eff. steady':>23}{'eff. cpu':>23}")
-    for backend, b in report["backends"].items():
+    for backend, b in backends.items():
         for r in b["run_crf"]:
             print(f"{backend:<11}{r['workers']:>8}{b['per_image']['crf_s_mean']:>16.3f}"
                   f"{b['per_image']['crf_cpu_s_mean']:>11.3f}{r['job_cpu_s_mean']:>11.3f}"
                   f"{r['img_per_s_wall']:>12.3f}{r['img_per_s_steady']:>14.3f}"
                   + "".join(f"{efficiency(r, kind):>23}" for kind in ("wall", "steady", "cpu")))
-    return write_report(report, args.out)
+    settings = dict(image_size_hw=[H, W], num_classes=NUM_CLASSES, params=params.to_dict(),
+                    images=args.images, workers=args.workers, repeats=args.repeats,
+                    backends=args.backends, device=args.device)
+    rows = [dict(r, backend=backend, per_image=b["per_image"])
+            for backend, b in backends.items() for r in b["run_crf"]]
+    summary = {backend: {"per_image": b["per_image"], "rounds": b["rounds"]}
+               for backend, b in backends.items()}
+    return write_report(settings, info, rows, summary, args.out)
 
 
 def efficiency(row: dict, kind: str) -> str:

@@ -1,42 +1,57 @@
-"""The pure-PyTorch dense CRF (crf_torch.py) against pydensecrf: per-image time and label agreement.
+"""The pure-PyTorch dense CRF (seglab/densecrf/torch_crf.py: `dense_crf`) against pydensecrf (run
+through the library's DenseCRF, seglab/densecrf/dense_crf.py): per-image time and label agreement.
 
     python bench/bench_crf_torch.py [--images 4] [--repeats 3] [--threads 1 2]
-        [--lattice fp32 fp16] [--device cpu] [--photos DIR]
+        [--lattice fp32 fp16 numba] [--device cpu] [--photos DIR]
 
 Test data: `--images` VOC-size scenes, 500x375 (W x H), 21 labels: crops of matplotlib's sample
-photograph (a real photo, so the bilateral lattice is as busy as on VOC images; a synthetic
-scene if it is missing), or with `--photos DIR` the first JPEGs of DIR at their own sizes (e.g.
-../shared/real/voc_dev/VOCdevkit/VOC2012/JPEGImages), with DeepLab-like unaries: 21-class logits
-at 1/8 resolution from a few brightness regions plus noise, upsampled bilinearly,
-unary = -log softmax (clip 1e-5).
+photograph (common.source_photo / photo_crops: a real photo, so the bilateral lattice is as busy as
+on VOC images; a synthetic scene if it is missing), or with `--photos DIR` the first JPEGs of DIR at
+their own sizes (e.g. ../shared/real/voc_dev/VOCdevkit/VOC2012/JPEGImages), with DeepLab-like
+unaries: 21-class logits at 1/8 resolution from a few brightness regions plus noise, upsampled
+bilinearly, unary = -log softmax (clip 1e-5).
 
 For every image, with the paper's CRF (10 iterations, w_bi 4, theta 67 / 3, w_pos 3, theta 1;
 all times the minimum over --repeats runs, interleaved so that load hits all alike):
   pydensecrf   time per image
-  torch        for each lattice precision (fp32: the exact `torch` backend; fp16: `torch-fp16`)
-               and torch thread count: "setup" (iterations=0: both lattices, the
-               normalisation, the first softmax) cold (the Gaussian kernel's cache emptied
+  torch        for each lattice (fp32: the exact `torch` backend; fp16: `torch-fp16`; numba:
+               the compiled lattice of seglab/densecrf/permutohedral_numba.py, the `numba`
+               backend, its mean
+               field fused) and torch thread count (numba follows it): "setup"
+               (iterations=0: both lattices, the normalisation, the first softmax) cold (the Gaussian kernel's cache emptied
                first: a new image size) and warm (that kernel cached: the same size again, as
                for a third of VOC); "/iter" = (10-iteration run - warm setup) / 10; "total"
                = setup + 10 iterations, cold and warm; ratio = total / pydensecrf (wall);
-               "cpu" the same ratio of process CPU time (less skewed by a shared machine)
+               "cpu" the same ratio of process CPU time (less skewed by a shared machine);
+               "paired": the median over rounds of each round's ratio (the runs compared
+               seconds apart), vs pydensecrf and, for fp16 and numba, vs fp32
+  first call   numba: the first call in this process (compiled functions loaded from numba's
+               cache), and in a fresh process with an empty cache (compiling them), apart
   agreement    equal labels and max |dQ| vs pydensecrf, for each lattice precision, for
-               normalise-after (our default) and symmetric (pydensecrf's default)
+               normalise-after (our default) and symmetric (pydensecrf's default); "decided":
+               labels that differ where pydensecrf's best two marginals are > 1e-4 apart
+               (exact = none: elsewhere a float tie may go either way)
   profile      where one thread's time goes on the first image (see `profile`): the setup's
                parts, each kernel's message per iteration with the rows its passes gather, the
                softmax, and the same messages for 1 label instead of 21 (the part of a pass
-               that is index traffic, which no narrowing of the values can remove)
+               that is index traffic, which no narrowing of the values can remove); the
+               kernels' features come from seglab/densecrf/features.py (`kernel_features`);
+               for numba the same parts of its setup and each phase of its fused iterations
 Prints a table, whether the target (one thread: <= 0.5x pydensecrf's time, labels equal on
->= 99.99% of pixels under both normalisations) is met by each precision, and writes
-bench/results/crf_torch.json with the resolved settings and the load average (other load on
-a shared machine skews times).
+>= 99.99% of pixels under both normalisations) is met by each precision, whether the compiled
+lattice meets issue 28's rule for a default (exact, >= 1.5x faster than fp32 at one thread;
+the target there: <= 0.55x pydensecrf for a new image size), and writes
+bench/results/crf_torch.json (common.write_report: the resolved settings; the machine with the
+load average when timing starts and at the end, other load on a shared machine skewing times; a
+row per image; the summary holds the mean over images, the profiles, the targets and the numba
+section).
 """
 from __future__ import annotations
 
-from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+from common import (best_of, finish, machine, paired, photo_crops, source_photo,  # noqa: E402
+                    timed, write_report)  # (common also puts Implementation/ on sys.path)
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -46,25 +61,16 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
+from seglab.densecrf import permutohedral_numba
+from seglab.densecrf.dense_crf import DenseCRF
+from seglab.densecrf.features import kernel_features
+from seglab.densecrf.params import CRFParams
 from seglab.densecrf.permutohedral import PermutohedralLattice
-from seglab.densecrf.torch_crf import PairwiseKernel, dense_crf, gaussian_kernel, kernel_features
+from seglab.densecrf.torch_crf import PairwiseKernel, dense_crf, gaussian_kernel
 
 H, W, NUM_CLASSES = 375, 500, 21
 PARAMS = dict(iterations=10, bi_w=4.0, bi_xy_std=67.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=1.0)
 RESULTS = Path(__file__).resolve().parent / "results" / "crf_torch.json"
-
-
-def source_photo() -> np.ndarray:
-    """A real photograph (matplotlib's sample data), or a synthetic scene if it is missing."""
-    import matplotlib
-    from PIL import Image
-    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    if path.is_file():
-        return np.asarray(Image.open(path).convert("RGB"))
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:600, :600]
-    base = np.stack([(xx // 75) * 30, (yy // 60) * 25, ((xx + yy) // 90) * 20], -1) % 256
-    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
 
 
 def photo_images(n: int, folder: Path) -> list:
@@ -82,14 +88,7 @@ def make_scenes(n: int, seed: int = 0, photos: Path | None = None):
     rng = np.random.default_rng(seed)
     if photos is not None:
         return [(image, unary_for(image, rng)) for image in photo_images(n, photos)]
-    photo, scenes = source_photo(), []
-    for k in range(n):
-        y0 = int(rng.integers(0, photo.shape[0] - H + 1))
-        x0 = int(rng.integers(0, photo.shape[1] - W + 1))
-        image = photo[y0:y0 + H, x0:x0 + W]
-        image = np.ascontiguousarray(image[:, ::-1] if k % 2 else image)
-        scenes.append((image, unary_for(image, rng)))
-    return scenes
+    return [(image, unary_for(image, rng)) for image in photo_crops(source_photo(), n, H, W, rng)]
 
 
 def unary_for(image: np.ndarray, rng) -> np.ndarray:
@@ -106,33 +105,22 @@ def unary_for(image: np.ndarray, rng) -> np.ndarray:
     return unary.numpy().astype(np.float32)
 
 
-def pydensecrf_q(image, unary, normalization="after", iterations=PARAMS["iterations"]):
-    import pydensecrf.densecrf as dcrf
-    norm = {"after": dcrf.NORMALIZE_AFTER, "symmetric": dcrf.NORMALIZE_SYMMETRIC}[normalization]
-    c, h, w = unary.shape
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(c, -1)))
-    d.addPairwiseGaussian(sxy=PARAMS["pos_xy_std"], compat=PARAMS["pos_w"], normalization=norm)
-    d.addPairwiseBilateral(sxy=PARAMS["bi_xy_std"], srgb=PARAMS["bi_rgb_std"], rgbim=image,
-                           compat=PARAMS["bi_w"], normalization=norm)
-    return np.array(d.inference(iterations)).reshape(c, h, w)
+def pydensecrf_q(image, unary, normalization="after"):
+    """pydensecrf's marginals (C, H, W), through the library's DenseCRF (backend pydensecrf)."""
+    crf = DenseCRF(CRFParams(**PARAMS, normalization=normalization), "pydensecrf")
+    return crf.infer(image, unary.reshape(unary.shape[0], -1)).reshape(unary.shape)
 
 
 def torch_q(image, unary, device, normalization="after", iterations=PARAMS["iterations"],
             lattice="fp32"):
+    """`dense_crf` itself (DenseCRF.infer would skip the lattices at iterations=0, and convert
+    its output: the setup is timed here as iterations=0)."""
     params = dict(PARAMS, iterations=iterations)
     q = dense_crf(image, unary, normalization=normalization, device=device, lattice=lattice,
                   **params)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return q
-
-
-def timed(fn) -> tuple:
-    """(wall seconds, CPU seconds of this process) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def settings(args) -> list:
@@ -148,6 +136,7 @@ def time_image(image, unary, args) -> dict:
         for key, lat, t in settings(args):
             torch.set_num_threads(t)
             gaussian_kernel.cache_clear()
+            permutohedral_numba.gaussian_kernel.cache_clear()
             run = lambda **kw: torch_q(image, unary, args.device, lattice=lat, **kw)  # noqa: E731
             runs.setdefault(f"{key}_setup_cold", []).append(timed(lambda: run(iterations=0)))
             runs.setdefault(f"{key}_setup_warm", []).append(timed(lambda: run(iterations=0)))
@@ -165,7 +154,25 @@ def time_image(image, unary, args) -> dict:
             for state in ("cold", "warm"):
                 ratio = row[f"{key}_total_{state}_{unit}"] / row[f"pydensecrf_{unit}"]
                 row[f"{key}_ratio_{state}" + ("_cpu" if unit == "cpu_s" else "")] = ratio
+    totals = {key: paired_totals(runs, key) for key, _, _ in settings(args)}
+    pyd = [wall for wall, _ in runs["pydensecrf"]]
+    for key, lat, t in settings(args):
+        base = f"fp32_{t}t"
+        for state in ("cold", "warm"):
+            ours = totals[key][state]
+            row[f"{key}_ratio_{state}_paired"] = paired(ours, pyd)
+            if lat != "fp32" and base in totals:
+                row[f"{key}_vs_fp32_{state}_paired"] = paired(ours, totals[base][state])
     return row
+
+
+def paired_totals(runs: dict, key: str) -> dict:
+    """Per round (wall): cold total = setup cold + 10 iterations, warm total = the 10-iteration
+    run with the Gaussian kernel cached."""
+    setup_cold, setup_warm = (runs[f"{key}_setup_{s}"] for s in ("cold", "warm"))
+    full = runs[f"{key}_full_warm"]
+    return {"cold": [sc[0] + f[0] - sw[0] for sc, sw, f in zip(setup_cold, setup_warm, full)],
+            "warm": [f[0] for f in full]}
 
 
 def agreement(image, unary, args) -> dict:
@@ -175,18 +182,17 @@ def agreement(image, unary, args) -> dict:
         ref = pydensecrf_q(image, unary, norm)
         changed = ref.argmax(0) != unary.argmin(0)
         row[f"crf_changed_fraction_{norm}"] = float(changed.mean())
+        top2 = np.sort(ref, 0)[-2:]
+        decided = top2[1] - top2[0] > 1e-4                # elsewhere a float tie may flip
         for lat in args.lattice:
             ours = torch_q(image, unary, args.device, norm, lattice=lat)
             same = ref.argmax(0) == ours.argmax(0)
             row[f"{lat}_agreement_{norm}"] = float(same.mean())
+            row[f"{lat}_differ_decided_{norm}"] = int((~same & decided).sum())
             row[f"{lat}_agreement_changed_{norm}"] = (float(same[changed].mean())
                                                       if changed.any() else 1.0)
             row[f"{lat}_max_abs_dq_{norm}"] = float(np.abs(ref - np.asarray(ours)).max())
     return row
-
-
-def best_of(fn, repeats: int) -> float:
-    return min(timed(fn)[0] for _ in range(repeats))
 
 
 def profile(image, unary, args) -> dict:
@@ -226,6 +232,111 @@ def profile(image, unary, args) -> dict:
     out["per_iteration_s"] = (full - out["setup_warm_s"]) / PARAMS["iterations"]
     out["pydensecrf_s"] = best_of(lambda: pydensecrf_q(image, unary), r)
     return out
+
+
+_FIRST_CALL = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np, torch
+from seglab.densecrf.torch_crf import dense_crf
+t1 = time.perf_counter()
+rng = np.random.default_rng(0)
+img = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+u = rng.uniform(0, 3, (21, 20, 30)).astype(np.float32)
+out = {"import_s": t1 - t0}
+for t in (1, 2):
+    torch.set_num_threads(t)
+    a = time.perf_counter()
+    dense_crf(img, u, 2, lattice="numba")
+    out[f"first_call_{t}t_s"] = time.perf_counter() - a
+import numba
+out.update(numba=numba.__version__, threading_layer=numba.threading_layer())
+print(json.dumps(out))
+"""
+
+
+def first_calls() -> dict:
+    """The numba lattice's first calls (a 20x30 image, 1 then 2 threads), each in a fresh
+    process: with this checkout's cache of compiled functions (loading them), and with an empty
+    cache (compiling them: what a fresh install pays once)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    implementation = str(Path(__file__).resolve().parent.parent / "Implementation")
+    out = {}
+    with tempfile.TemporaryDirectory() as empty:
+        for name, cache in (("cached", None), ("compile", empty)):
+            env = dict(os.environ, PYTHONPATH=implementation, PYTHONWARNINGS="ignore")
+            if cache:
+                env["NUMBA_CACHE_DIR"] = cache
+            done = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, check=True,
+                                  capture_output=True, text=True)
+            for key, value in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                out[key if key in ("numba", "threading_layer") else f"{name}_{key}"] = value
+    return out
+
+
+def profile_numba(image, unary, args) -> dict:
+    """One thread, the compiled lattice, the first image: its setup's parts and, over a
+    10-iteration run (best of the repeats), each phase of the fused iterations."""
+    torch.set_num_threads(1)
+    pn = permutohedral_numba
+    h, w = image.shape[:2]
+    img = torch.from_numpy(image)
+    features = kernel_features(h, w, PARAMS["bi_xy_std"], img, PARAMS["bi_rgb_std"])
+    gaussian_features = kernel_features(h, w, PARAMS["pos_xy_std"])
+    r = max(args.repeats, 3)
+    bilateral = pn.NumbaLattice(features)
+    gaussian = pn.NumbaLattice(gaussian_features)
+    out = {"bilateral_lattice_s": best_of(lambda: pn.NumbaLattice(features), r),
+           "bilateral_kernel_s": best_of(lambda: pn.NumbaKernel(features, PARAMS["bi_w"],
+                                                                 "after"), r),
+           "gaussian_kernel_s": best_of(lambda: pn.NumbaKernel(gaussian_features,
+                                                               PARAMS["pos_w"], "after"), r),
+           "bilateral_vertices": bilateral.num_vertices, "gaussian_vertices": gaussian.num_vertices,
+           "bilateral_blur": "pipelined" if bilateral.pipelined else "pass by pass",
+           "gaussian_blur": "pipelined" if gaussian.pipelined else "pass by pass",
+           "bilateral_window": bilateral._window, "gaussian_window": gaussian._window}
+    kernels = [pn.gaussian_kernel(h, w, PARAMS["pos_xy_std"], PARAMS["pos_w"], "after"),
+               pn.NumbaKernel(features, PARAMS["bi_w"], "after")]
+    u = np.ascontiguousarray(unary.reshape(unary.shape[0], -1))
+    best = None
+    for _ in range(r):
+        phases = {}
+        start = time.perf_counter()
+        pn.mean_field(u, kernels, PARAMS["iterations"], timings=phases)
+        phases["total"] = time.perf_counter() - start
+        if best is None or phases["total"] < best["total"]:
+            best = phases
+    per = {"unary": "unary_layout_s", "update": "update_s", "blur 0": "gaussian_blur_s",
+           "blur 1": "bilateral_blur_s", "total": "mean_field_s"}
+    out.update({per[k]: v for k, v in best.items()})
+    gaussian_kernel.cache_clear()
+    permutohedral_numba.gaussian_kernel.cache_clear()
+    out["setup_cold_s"] = best_of(lambda: (permutohedral_numba.gaussian_kernel.cache_clear(),
+                                           torch_q(image, unary, "cpu", iterations=0,
+                                                   lattice="numba")), r)
+    out["setup_warm_s"] = best_of(lambda: torch_q(image, unary, "cpu", iterations=0,
+                                                  lattice="numba"), r)
+    full = best_of(lambda: torch_q(image, unary, "cpu", lattice="numba"), r)
+    out["per_iteration_s"] = (full - out["setup_warm_s"]) / PARAMS["iterations"]
+    return out
+
+
+def print_profile_numba(p: dict) -> None:
+    iters = PARAMS["iterations"]
+    print(f"profile, image 0, one thread, numba lattice (ms): setup cold "
+          f"{1e3 * p['setup_cold_s']:.0f}, warm {1e3 * p['setup_warm_s']:.0f}: bilateral lattice "
+          f"{1e3 * p['bilateral_lattice_s']:.0f} (simplices, hash table, neighbours) + normalisation "
+          f"{1e3 * (p['bilateral_kernel_s'] - p['bilateral_lattice_s']):.0f}; the Gaussian kernel, "
+          f"once per size, {1e3 * p['gaussian_kernel_s']:.0f}")
+    print(f"  per iteration {1e3 * p['per_iteration_s']:.1f}: Gaussian blur "
+          f"{1e3 * p['gaussian_blur_s'] / iters:.1f} ({p['gaussian_vertices']} vertices, "
+          f"{p['gaussian_blur']}), bilateral blur {1e3 * p['bilateral_blur_s'] / iters:.1f} "
+          f"({p['bilateral_vertices']} vertices, {p['bilateral_blur']}), fused slice + softmax "
+          f"+ splat {1e3 * p['update_s'] / (iters + 1):.1f} (the first, softmax + splat only, "
+          f"included)")
 
 
 def print_profile(prof: dict) -> None:
@@ -274,6 +385,49 @@ def print_report(rows, summary, args, load_start, load_end) -> None:
             print(f"{r['image']:>6}{lat:>8}{100 * r[f'{lat}_agreement_after']:>12.4f}%"
                   f"{100 * r[f'{lat}_agreement_symmetric']:>10.4f}%"
                   f"{r[f'{lat}_max_abs_dq_after']:>15.1e}{r[f'{lat}_max_abs_dq_symmetric']:>9.1e}")
+    print("paired (median over rounds of each round's ratio), mean over images:")
+    for key, lat, t in settings(args):
+        line = (f"  {lat:>5} {t}t: vs pydensecrf cold {summary[f'{key}_ratio_cold_paired']:.2f}x"
+                f", warm {summary[f'{key}_ratio_warm_paired']:.2f}x")
+        if f"{key}_vs_fp32_cold_paired" in summary:
+            line += (f"; time vs fp32 cold {summary[f'{key}_vs_fp32_cold_paired']:.2f}x, warm "
+                     f"{summary[f'{key}_vs_fp32_warm_paired']:.2f}x")
+        print(line)
+
+
+def compiled_rule(rows, summary, args) -> dict:
+    """Issue 28's rule for making the compiled lattice the default torch-side backend: exact
+    (no decided label differs from pydensecrf's, both normalisations, every image) and >= 1.5x
+    faster than the fp32 tensor-op lattice at one thread (cold and warm, the mean times and the
+    paired ratios); its target: <= 0.55x pydensecrf's time for a new image size, one thread."""
+    if "numba" not in args.lattice or 1 not in args.threads:
+        return {}
+    differ = sum(r[f"numba_differ_decided_{n}"] for r in rows for n in ("after", "symmetric"))
+    out = {"decided_labels_differing": differ, "exact": differ == 0}
+    if "fp32" in args.lattice:
+        for state in ("cold", "warm"):
+            out[f"speedup_vs_fp32_{state}"] = (summary[f"fp32_1t_total_{state}_s"]
+                                               / summary[f"numba_1t_total_{state}_s"])
+            out[f"speedup_vs_fp32_{state}_paired"] = 1 / summary[f"numba_1t_vs_fp32_{state}_paired"]
+        out["faster_1_5x"] = min(out["speedup_vs_fp32_cold"], out["speedup_vs_fp32_warm"],
+                                 out["speedup_vs_fp32_cold_paired"],
+                                 out["speedup_vs_fp32_warm_paired"]) >= 1.5
+    out["ratio_cold"] = summary["numba_1t_ratio_cold"]
+    out["ratio_cold_paired"] = summary["numba_1t_ratio_cold_paired"]
+    out["target_0_55_met"] = max(out["ratio_cold"], out["ratio_cold_paired"]) <= 0.55
+    out["qualifies_for_default"] = bool(out["exact"] and out.get("faster_1_5x", False))
+    verdict = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    print(f"issue 28's rule, numba lattice, one thread: exact {verdict(out['exact'])} ({differ} "
+          f"decided labels differ); >= 1.5x faster than fp32 "
+          f"{verdict(out.get('faster_1_5x', False))} (cold "
+          f"{out.get('speedup_vs_fp32_cold', float('nan')):.2f}x, warm "
+          f"{out.get('speedup_vs_fp32_warm', float('nan')):.2f}x; paired "
+          f"{out.get('speedup_vs_fp32_cold_paired', float('nan')):.2f}x / "
+          f"{out.get('speedup_vs_fp32_warm_paired', float('nan')):.2f}x); <= 0.55x pydensecrf "
+          f"for a new size {verdict(out['target_0_55_met'])} ({out['ratio_cold']:.2f}x, paired "
+          f"{out['ratio_cold_paired']:.2f}x); qualifies as the default: "
+          f"{verdict(out['qualifies_for_default'])}")
+    return out
 
 
 def target_check(rows, summary, args) -> dict:
@@ -306,8 +460,11 @@ def main(argv=None) -> dict:
                         help="timed runs per image and setting; the minimum is reported (default: 3)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="torch thread counts to time (default: 1 2)")
-    parser.add_argument("--lattice", nargs="+", default=["fp32", "fp16"], choices=("fp32", "fp16"),
-                        help="lattice precisions to time (default: fp32 fp16)")
+    default_lattices = ["fp32", "fp16"] + (["numba"] if permutohedral_numba.AVAILABLE else [])
+    parser.add_argument("--lattice", nargs="+", default=default_lattices,
+                        choices=("fp32", "fp16", "numba"),
+                        help="lattices to time: the tensor-op lattice in fp32 or fp16, the "
+                             f"compiled one (numba) (default: {' '.join(default_lattices)})")
     parser.add_argument("--device", default="cpu", help="device for the torch backend (default: cpu)")
     parser.add_argument("--photos", type=Path, default=None,
                         help="a folder of JPEGs to use at their own sizes instead of 500x375 crops")
@@ -319,11 +476,21 @@ def main(argv=None) -> dict:
         raise SystemExit("bench_crf_torch: needs pydensecrf (`pip install pydensecrf2`), the "
                          "reference it times and compares against")
 
+    if "numba" in args.lattice:
+        permutohedral_numba.require()
+        if args.device != "cpu":
+            raise SystemExit("bench_crf_torch: the numba lattice runs on the CPU only")
+    load_first = os.getloadavg()
+    first = first_calls() if "numba" in args.lattice else {}
     scenes = make_scenes(args.images, photos=args.photos)
     threads_before = torch.get_num_threads()
-    torch_q(*scenes[0], args.device, iterations=1)                        # warm-up
+    for lat in args.lattice:                                              # warm-up
+        for t in args.threads:
+            torch.set_num_threads(t)
+            torch_q(*scenes[0], args.device, iterations=1, lattice=lat)
+    torch.set_num_threads(threads_before)
     rows = []
-    load_start = os.getloadavg()
+    info = machine()                                      # load average as timing starts
     for k, (image, unary) in enumerate(tqdm(scenes, desc="images", unit="img")):
         row = {"image": k, "size": f"{image.shape[1]}x{image.shape[0]}"}
         row.update(time_image(image, unary, args))
@@ -331,26 +498,33 @@ def main(argv=None) -> dict:
         row.update(agreement(image, unary, args))
         rows.append(row)
     prof = profile(*scenes[0], args) if args.device == "cpu" else {}
+    prof_numba = profile_numba(*scenes[0], args) if "numba" in args.lattice else {}
     torch.set_num_threads(threads_before)
-    load_end = os.getloadavg()
+    load_end = finish(info)["load_average_at_end"]
     summary = {key: statistics.mean(r[key] for r in rows) for key in rows[0]
                if key not in ("image", "size")}
-    print_report(rows, summary, args, load_start[0], load_end[0])
+    print_report(rows, summary, args, info["load_average_at_start"][0], load_end[0])
     if prof:
         print_profile(prof)
-    report = {"settings": {"image_size_hw": None if args.photos else [H, W],
-                           "photos": str(args.photos) if args.photos else None,
-                           "num_classes": NUM_CLASSES, "crf": PARAMS,
-                           "normalization_timed": "after", "images": args.images,
-                           "repeats": args.repeats, "threads": args.threads,
-                           "lattice": args.lattice, "device": args.device},
-              "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
-                          "platform": platform.platform(), "torch": torch.__version__,
-                          "load_average_start": list(load_start),
-                          "load_average_end": list(load_end)},
-              "per_image": rows, "mean": summary, "profile": prof,
-              "target": target_check(rows, summary, args)}
-    return write_report(report, args.out)
+    if prof_numba:
+        print_profile_numba(prof_numba)
+    if first:
+        print(f"numba {first['numba']} ({first['threading_layer']} threads): first call in a "
+              f"fresh process {first['cached_first_call_1t_s']:.2f} s at one thread, then "
+              f"{first['cached_first_call_2t_s']:.2f} s at two (loading the cached compiled "
+              f"functions); with an empty cache {first['compile_first_call_1t_s']:.1f} s + "
+              f"{first['compile_first_call_2t_s']:.1f} s (compiling them, once per install)")
+    settings_ = {"image_size_hw": None if args.photos else [H, W],
+                 "photos": str(args.photos) if args.photos else None,
+                 "num_classes": NUM_CLASSES, "crf": PARAMS, "normalization_timed": "after",
+                 "images": args.images, "repeats": args.repeats, "threads": args.threads,
+                 "lattice": args.lattice, "device": args.device}
+    results = {"mean": summary, "profile": prof, "target": target_check(rows, summary, args),
+               "load_average_before_first_calls": list(load_first)}
+    if "numba" in args.lattice:
+        results["numba"] = {"first_call": first, "profile": prof_numba,
+                            "rule": compiled_rule(rows, summary, args)}
+    return write_report(settings_, info, rows, results, args.out)
 
 
 if __name__ == "__main__":

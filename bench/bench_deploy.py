@@ -7,10 +7,12 @@ TF Lite interpreter on the same real model.
 
 Models
   real   Google's DeepLab v3 MobileNetV2 (depth 1.0, output stride 16) from
-         ../shared/real/models/deeplabv3_mnv2_pascal_quant.tflite through `convert.py tflite`,
+         ../shared/real/models/deeplabv3_mnv2_pascal_quant.tflite through `convert.py tflite`
+         (Implementation/convert.py),
          single scale; exported with --fixed-size 513 513 (the size the TF Lite file takes,
          so both run the same graph size)
-  r101   DeepLab v2 ResNet-101 (random weights: speed only), single scale, 513 x 513
+  r101   DeepLab v2 ResNet-101 (random weights, common.random_net: speed only), single scale,
+         513 x 513
   demo   the demo model runs/demo/checkpoints/final.pth (`train.py --config demo`), with its
          MSC, on the demo val split (data/demo)
 
@@ -18,8 +20,10 @@ Rows
   fp32 / bf16     PyTorch's Predictor (seglab/inference/predictor.py), precision fp32 / bf16
   fp16            the same network with fp16 weights and activations, on the CPU: accuracy only
                   (there is no GPU here; CPU fp16 convolutions are not a fast path)
-  onnx fp32       the exported file in onnxruntime (export.py onnx)
-  int8 ort        onnxruntime static QDQ int8 (export.py int8), per-channel weights, calibrated
+  onnx fp32       the exported file in onnxruntime (seglab/deploy/onnx_export.py, what
+                  export.py onnx runs; seglab/deploy/runtime.py's OnnxPredictor)
+  int8 ort        onnxruntime static QDQ int8 (seglab/deploy/quantize.py, what export.py int8
+                  runs), per-channel weights, calibrated
                   with --method (the ResNet-101, timed only, with minmax on 16 crops)
   int8 ort, linear fp32   the same with the convolutions no activation follows in float
                   (export.py int8 --float-linear; the real model only)
@@ -34,20 +38,22 @@ the share of pixels whose label equals the fp32 row's, "delta" the mIoU change f
 int8 calibration: there are no VOC training images here, so the real model is calibrated in two
 folds of voc_dev: the file that scores images 1-10 saw only crops of images 11-20 and vice versa
 (no image is scored by a model calibrated on it); the demo model on crops of the demo train split.
-Speed: image -> labels at 513 x 513 (for ours: network, bilinear upsampling, argmax, see `labels`;
-TF Lite's graph does the same inside), each row warmed up, then `--reps` interleaved rounds of
-one call per row, so load from other processes hits all rows alike. Reported: best and median
-seconds per image, images per second from the best, and "x bf16": the median over rounds of the
-paired ratio (PyTorch bf16 time / row time) of the same model. GMACs from
-torch.utils.flop_counter at 513.
-Results: printed tables and bench/results/deploy.json.
+Speed: image -> labels at 513 x 513 (for ours: network, bilinear upsampling, argmax, see
+common.labels_at; TF Lite's graph does the same inside), each row warmed up, then `--reps`
+interleaved rounds of one call per row (common.interleaved), so load from other processes hits all
+rows alike. Reported: best and median seconds per image, images per second from the best, and "x
+bf16": the median over rounds of the paired ratio (PyTorch bf16 time / row time) of the same model.
+GMACs from torch.utils.flop_counter at 513.
+Results: printed tables and bench/results/deploy.json (common.write_report: a row per accuracy
+and speed table row, keyed by model and table; the summary holds each model's GMACs and
+parameters and the notes on what could not run).
 """
 from __future__ import annotations
 
-from common import ROOT, write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+from common import (REAL, ROOT, interleaved, labels_at, machine, paired,  # noqa: E402
+                    random_net, voc_ids, write_report)  # (also puts Implementation/ on sys.path)
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -67,7 +73,6 @@ from seglab.deploy.runtime import OnnxPredictor
 from seglab.evaluation.metrics import ConfusionMatrix
 from seglab.inference.predictor import Predictor
 
-REAL = ROOT.parent / "shared" / "real"
 TFLITE = REAL / "models" / "deeplabv3_mnv2_pascal_quant.tflite"
 VOC_DEV = REAL / "voc_dev"
 DEMO_CKPT, DEMO_DATA = ROOT / "runs" / "demo" / "checkpoints" / "final.pth", ROOT / "data" / "demo"
@@ -123,8 +128,8 @@ class TFLitePredictor:
 # ---------------------------------------------------------------------------------------------
 
 def voc_items(root, split="val", limit=None):
-    base = Path(root) / "VOCdevkit" / "VOC2012"
-    ids = (base / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()[:limit]
+    """[(id, image, label)] of the first `limit` images of a VOC-layout split."""
+    base, ids = voc_ids(root, split, limit)
     return [(i, load_image(base / "JPEGImages" / f"{i}.jpg"),
              load_label(base / "SegmentationClass" / f"{i}.png")) for i in ids]
 
@@ -240,41 +245,23 @@ def demo_rows(tmp: Path, a) -> dict:
 # Speed
 # ---------------------------------------------------------------------------------------------
 
-def labels(logits: torch.Tensor, size, interp: str) -> torch.Tensor:
-    """full_resolution_logits + argmax (seglab/models/resize.py) computed in channels_last: the
-    same bilinear values, and the argmax over channels then reads contiguous memory (4-5x faster
-    at 21 x 513 x 513 here: about 20 ms instead of 90 ms, a third of the int8 network's time)."""
-    x = logits[None].contiguous(memory_format=torch.channels_last)
-    up = torch.nn.functional.interpolate(x, size=size, mode="bilinear",
-                                         align_corners=interp == "caffe")
-    return up.argmax(1)[0]
-
-
 def labels_call(predictor, x):
     """image (normalised, padded) -> labels at the input size, for one of our predictors."""
     size = tuple(x.shape[-2:])
-    return lambda: labels(predictor.logits(x), size, predictor.interp)
+    return lambda: labels_at(predictor.logits(x), size, predictor.interp)
 
 
 def timed_rounds(calls: dict, reps: int) -> dict:
     """{row: [seconds per call]}: one warm-up each, then `reps` interleaved rounds."""
-    for call in calls.values():
-        call()
-    times = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - started)
-    return times
+    return interleaved({name: (lambda k, call=call: call()) for name, call in calls.items()},
+                       reps)[0]
 
 
 def speed_table(times: dict, baseline: str) -> list[dict]:
     out = []
     for name, ts in times.items():
-        paired = [b / t for b, t in zip(times[baseline], ts)]
         out.append(dict(row=name, best=min(ts), median=statistics.median(ts),
-                        images_per_s=1 / min(ts), x_bf16=statistics.median(paired), times=ts))
+                        images_per_s=1 / min(ts), x_bf16=paired(times[baseline], ts), times=ts))
     return out
 
 
@@ -309,7 +296,6 @@ def speed_calls(rows: dict, image) -> dict:
 
 def r101_rows(tmp: Path, a) -> tuple[dict, Path]:
     """DeepLab v2 ResNet-101 with random weights (speed only), calibrated on 16 demo crops."""
-    from bench_inference import random_net
     from seglab.checkpoint import atomic_save, make_checkpoint
     net = random_net()
     ckpt = atomic_save(make_checkpoint(net.arch, net.state_dict(), provenance={"source": "random"}),
@@ -410,8 +396,8 @@ def bench_demo(tmp: Path, a) -> dict | None:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    report = dict(machine=platform.processor() or platform.machine(), torch=torch.__version__,
-                  threads=a.threads, load_average_start=os.getloadavg(), args=vars(a), models={})
+    info = machine(a.threads)
+    report = dict(models={})
     sections = {"DeepLab v3 MNV2 (real)": bench_real,
                 "DeepLab v2 R101 (random weights)": bench_r101 if a.r101 else None,
                 "demo (DeepLab v2 ResNet-14, MSC)": bench_demo}
@@ -425,8 +411,11 @@ def main(argv=None) -> dict:
     summary_table(report)
     for note in NOTES:
         print(f"note: {note}")
-    report["notes"], report["load_average_end"] = NOTES, os.getloadavg()
-    return write_report(report, a.out)
+    rows = [dict(r, model=name, table=table) for name, m in report["models"].items()
+            for table in ("accuracy", "speed") for r in m.get(table, [])]
+    summary = dict(models={name: dict(gmacs=m["gmacs"], params_m=m["params_m"])
+                           for name, m in report["models"].items()}, notes=NOTES)
+    return write_report(vars(a), info, rows, summary, a.out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Inference and training speed of DeepLab v2 ResNet-101 at 513x513, and what each optimisation
-of inference.py buys.
+of the Predictor (seglab/inference/predictor.py) buys.
 
     python bench/bench_inference.py [--quick] [--reps 3] [--device cpu] [--threads N]
 
@@ -8,7 +8,8 @@ Rows (each run in its own subprocess, so the memory peaks do not mix):
   ss_inference_mode    + torch.inference_mode and in-place ReLU/sum (Predictor, BN not folded)
   ss_fold_bn           + frozen BN folded into the convs
   ss_channels_last     + channels_last (NHWC) weights and activations
-  ss_shifted_aspp      + ASPP as one 1x1 convolution and shifted sums (inference.ShiftedASPP):
+  ss_shifted_aspp      + ASPP as one 1x1 convolution and shifted sums (seglab/models/rewrites.py
+                       ShiftedASPP):
                        Predictor's default single-scale fp32 path
   ss_bf16              + bf16 autocast (folded BN, NCHW, the four dilated ASPP convolutions)
   ss_bf16_cl           + bf16 autocast with channels_last
@@ -18,17 +19,19 @@ Rows (each run in its own subprocess, so the memory peaks do not mix):
   msc_bf16             MSC through Predictor with --precision bf16 (BN folded, channels_last,
                        shifted-sum ASPP)
   train_msc_fp32       one training iteration, batch 1, 321x321 crop, MSC, frozen BN: forward,
-                       the 4-output loss, backward, SGD step (train.py's unit of work)
+                       the 4-output loss, backward, SGD step: train.py's unit of work, run by
+                       the training loop's own Step (seglab/training/loop.py) on the model and
+                       optimizer its build_training_model makes
   train_msc_bf16       the same under bf16 autocast
 `--quick` keeps ss_eager_fp32, ss_shifted_aspp, ss_bf16_cl_aspp, msc_eager_fp32, msc_fp32,
 msc_bf16.
 
 Timing: the inference rows live in one process (the training rows in another) and are timed
-interleaved, after one warm-up call each: `--reps` rounds of one call per row, so other load on
-a shared machine hits every row alike. The table shows each row's best call (the least
-disturbed) and its speedup over the baseline's best ("speedup"), and the median over rounds of
-the speedup within a round ("paired": both calls seconds apart, under the same load); the JSON
-keeps every time and the median. Memory is measured separately, one subprocess
+interleaved (common.interleaved), after one warm-up call each: `--reps` rounds of one call per row,
+so other load on a shared machine hits every row alike. The table shows each row's best call (the
+least disturbed) and its speedup over the baseline's best ("speedup"), and the median over rounds of
+the speedup within a round ("paired": both calls seconds apart, under the same load); the JSON keeps
+every time and the median. Memory is measured separately, one subprocess
 per row (Linux /proc/self/status): "model MB" is the resident set once the model is built,
 "peak MB" the resident high-water mark over two calls (VmHWM, reset after the build through
 /proc/self/clear_refs, so loading the checkpoint does not count; where that reset is
@@ -41,28 +44,27 @@ msc_eager_fp32). Two weight sets are used, both ResNet-101 with random backbone 
 random non-trivial BN statistics:
   "random"  the random ASPP too. Its logits are nearly tied everywhere, so every rounding
             difference can flip an argmax: a pessimistic bound.
-  "fitted"  the ASPP replaced by a ridge-regression readout of the backbone features, fitted to
-            the labels of synthetic VOC-like scenes (demo_data.draw_sample): logits with margins
+  "fitted"  the ASPP replaced by a ridge-regression readout of the backbone features, fitted to the
+            labels of synthetic VOC-like scenes (seglab.data.demo.draw_sample): logits with margins
             like a trained model's, where only near-ties at region borders can flip. Timing uses
             these weights. Agreement on them is the better estimate for a trained model.
 Timed inputs are other synthetic scenes (not those fitted on), normalised as in evaluation.
 
-Results: a printed table and bench/results/inference.json (with the machine, torch version and
-the load average at the start; other processes on a shared machine slow every row).
+Results: a printed table and bench/results/inference.json (common.write_report: the settings,
+the machine with the load average at the start and end, a row per table row with every time, and
+the fitted readout's accuracy; other processes on a shared machine slow every row).
 """
 from __future__ import annotations
 
-from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+from common import (finish, interleaved, machine, paired, random_net,  # noqa: E402
+                    write_report)  # (common also puts Implementation/ on sys.path)
 import argparse
 import gc
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -118,22 +120,6 @@ def scenes(seed: int, count: int, size: int):
     classes = list(range(1, NUM_CLASSES))
     return [draw_sample(np.random.default_rng([seed, k]), (size, size), classes)
             for k in range(count)]
-
-
-def random_net(seed: int = 0):
-    """ResNet-101 DeepLab v2 with random weights and random, non-trivial BN statistics."""
-    import torch
-    from seglab.models.deeplabv2 import DeepLabV2
-    from seglab.models.resnet import FrozenBatchNorm2d
-    torch.manual_seed(seed)
-    net = DeepLabV2(num_classes=NUM_CLASSES).eval()
-    for m in net.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return net
 
 
 def fit_readout(net, fit_scenes, ridge: float = 1e-2):
@@ -235,30 +221,32 @@ def build(kind: str, settings: dict, checkpoint: Path, device):
 
 
 def train_step(settings: dict, folder: Path, device):
-    """A callable running one training iteration (train.py's unit of work) on the fitted model."""
-    import torch
+    """A callable running one training iteration on the fitted model: the training loop's Step
+    (seglab/training/loop.py: forward under the precision's autocast, training_loss, backward,
+    SGD step) on the model and optimizer build_training_model makes from the paper's recipe
+    (configs/voc12: MSC 0.75 / 0.5, Caffe Interp and loss targets, SGD lr 1e-3, momentum 0.9,
+    weight decay 5e-4), batch 1."""
     from seglab.checkpoint import load_checkpoint, load_model_weights
-    from seglab.training.loss import msc_loss
-    from seglab.models import build_model, param_groups
-    from seglab.models.msc import MSC
+    from seglab.config import load_config
+    from seglab.models import architecture
+    from seglab.training.loop import Step, build_training_model
+    from seglab.training.loss import loss_names
+    import torch
     ckpt = load_checkpoint(folder / "fitted.pth")
-    net = build_model(ckpt["arch"])
+    arch = dict(ckpt["arch"])
+    cfg = load_config("voc12", ["train.init=scratch", "model.msc_scales=[0.75, 0.5]",
+                                "model.interp=caffe", f"train.precision={settings['precision']}",
+                                "train.batch_per_step=1", "train.effective_batch=1"])
+    cfg["model"]["name"], cfg["data"]["num_classes"] = arch.pop("name"), arch.pop("num_classes")
+    cfg["model"]["arch"] = arch
+    model, net, optimizer, _, _ = build_training_model(cfg, device, None)
     load_model_weights(net, ckpt)
-    model = MSC(net, (0.75, 0.5)).to(device).train()
-    optimizer = torch.optim.SGD(param_groups(model, 1e-3, 5e-4), lr=1e-3, momentum=0.9)
+    spec = architecture(net.arch)
+    step = Step(cfg, model.train(), optimizer, spec, device, 1, 1,
+                loss_names(spec, cfg["model"]["msc_scales"]))
     data = torch.load(folder / "train_input.pt", weights_only=True)
-    x, label = data["image"][None].to(device), data["label"][None].to(device)
-    bf16 = settings["precision"] == "bf16"
-
-    def step(_=None):
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(x)
-        loss, _ = msc_loss([o.float() for o in outputs], label)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-    return step
+    batch = [{"image": data["image"][None], "label": data["label"][None]}]
+    return lambda _=None: step(batch, 0, folder)[0]
 
 
 def full_argmax(logits) -> np.ndarray:
@@ -268,39 +256,29 @@ def full_argmax(logits) -> np.ndarray:
                      .astype(np.uint8) for y in logits])
 
 
-def sync(device):
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_rows(names: list[str], folder: Path, reps: int, device_name: str) -> dict:
-    """Time the rows in one process, interleaved: 1 warm-up each, then `reps` rounds of one
-    call per row, so load from other processes hits every row alike. Saves each row's argmax
-    on the timed inputs (fitted weights) and on one input with the random weights."""
+    """Time the rows in one process, interleaved (common.interleaved): 1 warm-up each, then
+    `reps` rounds of one call per row, so load from other processes hits every row alike. Saves
+    each row's argmax on the timed inputs (fitted weights) and on one input with the random
+    weights."""
     import torch
     from seglab.inference.predictor import select_device
-    from tqdm import tqdm
     device = select_device(device_name)
     inputs = torch.load(folder / "inputs.pt", weights_only=True)
     runs = {}
     for name in names:
         _, kind, settings = ROWS[name]
-        runs[name] = (train_step(settings, folder, device) if kind == "train" else
-                      build(kind, settings, folder / "fitted.pth", device))
-        runs[name](inputs[:1])                                        # warm-up
-    times = {name: [] for name in names}
+        run = (train_step(settings, folder, device) if kind == "train" else
+               build(kind, settings, folder / "fitted.pth", device))
+        runs[name] = lambda k, run=run: run(inputs[k % len(inputs)][None])
     logits = {name: [] for name in names}
-    for k in tqdm(range(reps), desc=f"timing {len(names)} rows", unit="round"):
-        x = inputs[k % len(inputs)][None]
-        for name, run in runs.items():
-            sync(device)
-            start = time.perf_counter()
-            y = run(x)
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-            if ROWS[name][1] != "train" and k < len(inputs):
-                logits[name].append(y[0])
+
+    def keep(name, k, y):
+        if ROWS[name][1] != "train" and k < len(inputs):
+            logits[name].append(y[0])
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    times, _ = interleaved(runs, reps, sync=sync, keep=keep,
+                           progress=f"timing {len(names)} rows")
     runs.clear()
     for name in names:
         _, kind, settings = ROWS[name]
@@ -358,24 +336,6 @@ def readout_accuracy(folder: Path, name: str) -> float:
     return float((pred[valid] == labels[valid]).mean())
 
 
-def machine(threads: int) -> dict:
-    import torch
-    from seglab.inference.predictor import bf16_supported
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=threads or torch.get_num_threads(),
-                torch=torch.__version__, python=platform.python_version(),
-                cpu_bf16=bf16_supported(torch.device("cpu")),
-                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                load_average_at_start=list(os.getloadavg()))
-
-
 def table(rows: list[dict]) -> str:
     head = (f"{'row':<20}{'description':<42}{'best s':>8}{'img/s':>8}{'speedup':>8}{'paired':>8}"
             f"{'agree fitted':>13}{'agree random':>13}{'model MB':>9}{'peak MB':>9}")
@@ -425,7 +385,7 @@ def main(argv=None) -> int:
     for family, base in BASELINE.items():
         if any(n.startswith(family + "_") for n in names) and base not in names:
             names.insert(0, base)
-    info = machine(args.threads)
+    info = machine(args.threads or None)
     common = ["--folder", None, "--reps", str(args.reps), "--device", args.device,
               "--threads", str(args.threads)]
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
@@ -454,12 +414,11 @@ def main(argv=None) -> int:
             if base is None:
                 continue
             r["speedup"] = by_name[base]["best_s"] / r["best_s"]
-            r["speedup_paired"] = float(np.median([b / t for b, t in zip(
-                by_name[base]["times"], r["times"])]))
+            r["speedup_paired"] = paired(by_name[base]["times"], r["times"])
             r["fitted_pixel_acc"] = readout_accuracy(folder, r["name"])
             for which in ("fitted", "random"):
                 r[f"agreement_{which}"] = agreement(folder, r["name"], base, which)
-    info["load_average_at_end"] = list(os.getloadavg())
+    finish(info)
     text = table(rows)
     print(f"\n{info['cpu']}, {info['cores']} cores ({info['torch_threads']} threads), "
           f"torch {info['torch']}, "
@@ -471,8 +430,10 @@ def main(argv=None) -> int:
         print(f"fitted readout: {100 * fitted[0]['fitted_pixel_acc']:.1f}% pixel accuracy on "
               "the timed scenes (the logits are meaningful, not noise)")
     print(text)
-    write_report(dict(machine=info, size=SIZE, train_crop=TRAIN_CROP, reps=args.reps,
-                      device=args.device, threads=args.threads, rows=rows), args.out)
+    write_report(dict(rows=names, size=SIZE, train_crop=TRAIN_CROP, reps=args.reps,
+                      device=args.device, threads=args.threads, baselines=BASELINE), info, rows,
+                 dict(fitted_readout_pixel_acc=fitted[0]["fitted_pixel_acc"] if fitted
+                      else None), args.out)
     return 0
 
 

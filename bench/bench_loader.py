@@ -4,15 +4,15 @@ DataLoader, with 0, 1 and 2 worker processes.
     python bench/bench_loader.py [--images 40] [--batch 10]
         [--crop 321] [--workers 0 1 2] [--batches 16] [--rounds 2] [--out PATH]
 
-Data: a generated demo set of VOC-sized images (`demo_data.make_demo_dataset`, 375x500 H x W,
-the usual VOC landscape size; JPEG quality 90 and palette PNG labels like VOC's), in a temp
-folder unless `--data` names one to reuse.
+Data: a generated demo set of VOC-sized images (seglab.data.demo.make_demo_dataset, 375x500 H x W,
+the usual VOC landscape size; JPEG quality 90 and palette PNG labels like VOC's), in a temp folder
+unless `--data` names one to reuse.
 
 Measured:
   per image    one process, no DataLoader: decode (JPEG + PNG, with the label checks) and the
-               TrainTransform (random scale from {0.5, ..., 1.5}, pad, crop, mirror, normalise),
-               mean milliseconds over every image with two seeds each
-  loader       `loaders.train_loader` (the positional TrainSampler, batch `--batch`):
+               TrainTransform (seglab/data/transforms.py) (random scale from {0.5, ..., 1.5}, pad,
+               crop, mirror, normalise), mean milliseconds over every image with two seeds each
+  loader       seglab.data.loaders.train_loader (the positional TrainSampler, batch `--batch`):
                startup = seconds to the first batch (worker start-up included);
                steady  = images/s over the next `--batches` batches;
                overall = images/s from creating the loader to the last batch.
@@ -20,24 +20,22 @@ Measured:
                shared machine hits each alike; the table shows the best round (the least
                disturbed), the JSON every round and the median.
 
-Results: a printed table and `--out` (default bench/results/loader.json), with the settings,
-the machine and the load average at the start and end (other processes slow every row).
+Results: a printed table and `--out` (default bench/results/loader.json; common.write_report:
+the settings, the machine with the load average at the start and end, other processes slowing
+every row; a row per worker count; the per-image times in the summary).
 """
 from __future__ import annotations
 
-from common import write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+from common import machine, write_report  # noqa: E402  (also puts Implementation/ on sys.path)
 import argparse
 import itertools
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from seglab.data.voc import VOCSegmentation
 from seglab.data.demo import make_demo_dataset
@@ -100,13 +98,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output file")
     args = parser.parse_args(argv)
 
-    report = {"settings": {k: (str(v) if isinstance(v, Path) else v)
-                           for k, v in vars(args).items()},
-              "image_size_hw": list(SIZE),
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "processor": platform.processor(), "python": platform.python_version(),
-                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                          "load_average_start": list(os.getloadavg())}}
+    report = {"settings": dict(vars(args), image_size_hw=list(SIZE)), "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo_dataset(args.data or Path(tmp), num_train=args.images, num_val=1,
                                  size=SIZE, seed=args.seed, progress=True)
@@ -117,7 +109,7 @@ def main(argv=None) -> dict:
         for _ in range(args.rounds):
             for w in args.workers:
                 rounds[w].append(time_loader(dataset, args.batch, w, args.batches, args.seed))
-    report["machine"]["load_average_end"] = list(os.getloadavg())
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
     report["loader"] = []
     for w, runs in rounds.items():
         best = max(runs, key=lambda r: r["img_per_s_steady"])
@@ -129,7 +121,8 @@ def main(argv=None) -> dict:
     p = report["per_image"]
     print(f"training data: {args.images} generated {SIZE[1]}x{SIZE[0]} images, batch "
           f"{args.batch}, crop {args.crop}, {os.cpu_count()} cores (load average "
-          f"{load['load_average_start'][0]:.2f} at start, {load['load_average_end'][0]:.2f} at end)")
+          f"{load['load_average_at_start'][0]:.2f} at start, {load['load_average_at_end'][0]:.2f} "
+          "at end)")
     print(f"per image, one process: decode {p['decode_ms']:.1f} ms + transform "
           f"{p['transform_ms']:.1f} ms = {p['img_per_s_one_process']:.1f} img/s")
     print(f"{'workers':>8}{'img/s steady':>14}{'median':>9}{'img/s overall':>15}{'startup s':>11}")
@@ -138,7 +131,8 @@ def main(argv=None) -> dict:
         print(f"{row['workers']:>8}{b['img_per_s_steady']:>14.1f}"
               f"{row['median_img_per_s_steady']:>9.1f}{b['img_per_s_overall']:>15.1f}"
               f"{b['startup_s']:>11.2f}")
-    return write_report(report, args.out)
+    return write_report(report["settings"], report["machine"], report["loader"],
+                        {"per_image": report["per_image"]}, args.out)
 
 
 if __name__ == "__main__":

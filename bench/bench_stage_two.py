@@ -1,16 +1,17 @@
 """Stage two end to end: `evaluate.py --crf` on a VOC-size split with DeepLab v2 ResNet-101.
 
     python bench/bench_stage_two.py [--images 200] [--precision bf16|fp32|int8] [--workers 2]
-        [--backends pydensecrf torch torch-fp16] [--stream] [--quick]
+        [--backends pydensecrf torch torch-fp16] [--stream] [--quick] [--out FILE]
 
-Writes a VOC-layout split of `--images` 500x375 photographs (crops and mirrors of
-scikit-image's public-domain sample photos; labels are random blobs: the speed of the network
-and of the CRF does not depend on them) and a ResNet-101 DeepLab v2 with random weights, then
-measures, in one run:
-  network only       evaluate() without the CRF: the MSC network pass at 513 (VOC protocol), on
-                     every core through torch's threads; `--precision int8` exports the network
-                     with MSC to ONNX and quantises it (export.py int8, calibrated on 16 crops
-                     of the split: speed only) and evaluates that file in onnxruntime
+Writes a VOC-layout split of `--images` 500x375 photographs (crops and mirrors of scikit-image's
+public-domain sample photos, common.skimage_photos; labels are random blobs: the speed of the
+network and of the CRF does not depend on them) and a ResNet-101 DeepLab v2 with random weights,
+then measures, in one run:
+  network only       evaluate() (seglab/evaluation/evaluate.py, what evaluate.py runs) without the
+                     CRF: the MSC network pass at 513 (VOC protocol), on every core through torch's
+                     threads; `--precision int8` exports the network with MSC to ONNX and quantises
+                     it (export.py int8, calibrated on 16 crops of the split: speed only) and
+                     evaluates that file in onnxruntime
   CRF only           for each of --backends: the CRF on the cached logits (every image a cache
                      hit), --workers processes, each image loaded, upsampled, solved and scored
   end to end         evaluate() with the CRF (the first backend) from an empty cache, as a user
@@ -19,26 +20,26 @@ measures, in one run:
                      in a worker as soon as its logits are cached, beside the network pass)
 For each row: images per second, seconds per image, the projection to VOC val's 1,449 images
 (seconds per image x 1,449), and the share of the cores kept busy (CPU seconds of this process
-and its workers / (wall seconds x cores)). Run it on an idle machine; the load average before
-and after is recorded. Results: bench/results/stage_two_<precision>.json.
+and its workers / (wall seconds x cores), common.timed). Run it on an idle machine; the load
+average before and after is recorded. Results: bench/results/stage_two_<precision>.json
+(common.write_report: a row per stage; the VOC val projections in the summary), or --out;
+`--quick` writes only to --out.
 """
 from __future__ import annotations
 
-from common import ROOT, write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+from common import (RESULTS, ROOT, machine, skimage_photos, timed,  # noqa: E402
+                    write_report)  # (common also puts Implementation/ on sys.path)
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from skimage import data as skdata
 
 from seglab.checkpoint import atomic_save, make_checkpoint
 from seglab.data.labels import save_label_png
@@ -47,8 +48,6 @@ from seglab.evaluation.evaluate import EvalSettings, evaluate
 from seglab.models import build_model
 
 H, W, VOC_VAL = 375, 500, 1449
-RESULTS = Path(__file__).resolve().parent / "results"
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina")
 
 
 def make_split(root: Path, n: int) -> None:
@@ -57,12 +56,7 @@ def make_split(root: Path, n: int) -> None:
     (voc / "JPEGImages").mkdir(parents=True)
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    photos = []
-    for name in PHOTOS:
-        photo = getattr(skdata, name)()
-        scale = max(H / photo.shape[0], W / photo.shape[1]) * 1.2
-        size = (int(photo.shape[1] * scale) + 1, int(photo.shape[0] * scale) + 1)
-        photos.append(np.asarray(Image.fromarray(photo[..., :3]).resize(size)))
+    photos = skimage_photos(H, W)
     ids = []
     for k in range(n):
         photo = photos[k % len(photos)]
@@ -91,14 +85,6 @@ def int8_file(ckpt: Path, data: Path, out: Path) -> Path:
     return out
 
 
-def timed(fn) -> tuple:
-    """(wall seconds, CPU seconds of this process and its finished workers) of one call."""
-    cpu = lambda t: t.user + t.system + t.children_user + t.children_system  # noqa: E731
-    started, cpu_started = time.perf_counter(), cpu(os.times())
-    fn()
-    return time.perf_counter() - started, cpu(os.times()) - cpu_started
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=200, help="images in the split")
@@ -108,10 +94,12 @@ def main(argv=None) -> dict:
                    choices=BACKENDS, help="CRF backends to time; the first runs end to end")
     p.add_argument("--stream", action="store_true", help="also time crf.stream=true")
     p.add_argument("--quick", action="store_true", help="8 images, a smoke check")
+    p.add_argument("--out", type=Path, help="JSON results file (default: "
+                   "bench/results/stage_two_<precision>.json; --quick writes none unless given)")
     args = p.parse_args(argv)
     n = 8 if args.quick else args.images
     cores = os.cpu_count() or 1
-    load_before = os.getloadavg()[0]
+    info = machine()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -129,17 +117,19 @@ def main(argv=None) -> dict:
                                 save_predictions=False)
         run = lambda out, **kw: evaluate(ckpt, EvalSettings(**dict(vars(settings), **kw)),  # noqa
                                          out_dir=tmp / out, show_progress=True)
-        rows[f"network only ({args.precision})"] = timed(lambda: run("a"))
+        rows[f"network only ({args.precision})"] = timed(lambda: run("a"), children=True)
         for backend in args.backends:                    # every image a cache hit
-            rows[f"CRF only ({backend})"] = timed(lambda: run("a", crf=True, crf_backend=backend))
+            rows[f"CRF only ({backend})"] = timed(lambda: run("a", crf=True, crf_backend=backend),
+                                                  children=True)
         shutil.rmtree(tmp / "a")
-        rows[f"end to end ({args.backends[0]})"] = timed(lambda: run("b", crf=True))
+        rows[f"end to end ({args.backends[0]})"] = timed(lambda: run("b", crf=True),
+                                                         children=True)
         if args.stream:
-            rows[f"streamed ({args.backends[0]})"] = timed(lambda: run("c", crf=True,
-                                                                       crf_stream=True))
+            rows[f"streamed ({args.backends[0]})"] = timed(
+                lambda: run("c", crf=True, crf_stream=True), children=True)
     print(f"\n{n} images of {W}x{H}, ResNet-101 MSC at 513, {args.precision}, CRF x "
-          f"{args.workers} workers, {cores} cores, load average {load_before:.2f} -> "
-          f"{os.getloadavg()[0]:.2f}")
+          f"{args.workers} workers, {cores} cores, load average "
+          f"{info['load_average_at_start'][0]:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"{'stage':<30}{'s':>8}{'img/s':>8}{'s/img':>8}{'cores busy':>12}{'VOC val (1,449)':>18}")
     for name, (wall, cpu) in rows.items():
         print(f"{name:<30}{wall:8.1f}{n / wall:8.3f}{wall / n:8.3f}{cpu / (wall * cores):11.0%}"
@@ -155,18 +145,17 @@ def main(argv=None) -> dict:
           f"(best {projected[best]:.1f} min, {best}); the network pass alone projects to "
           f"{network_min:.1f} min ({network * cores:.2f} core-seconds an image), the CRF to "
           f"{projected[best] - network_min:.1f} min")
-    report = dict(images=n, precision=args.precision, backends=args.backends,
-                  workers=args.workers, cpus=cores, processor=platform.processor(),
-                  seconds={k: wall for k, (wall, _) in rows.items()},
-                  cpu_seconds={k: cpu for k, (_, cpu) in rows.items()},
-                  per_image={k: wall / n for k, (wall, _) in rows.items()},
-                  cores_busy={k: cpu / (wall * cores) for k, (wall, cpu) in rows.items()},
-                  voc_val_minutes={k: wall / n * VOC_VAL / 60 for k, (wall, _) in rows.items()},
-                  projected_network_then_crf_minutes=projected,
-                  load_before=load_before, load_after=os.getloadavg()[0])
-    if not args.quick:
-        write_report(report, RESULTS / f"stage_two_{args.precision}.json")
-    return report
+    settings = dict(images=n, precision=args.precision, backends=args.backends,
+                    workers=args.workers, stream=args.stream, quick=args.quick)
+    table = [dict(stage=k, seconds=wall, cpu_seconds=cpu, per_image=wall / n,
+                  cores_busy=cpu / (wall * cores), voc_val_minutes=wall / n * VOC_VAL / 60)
+             for k, (wall, cpu) in rows.items()]
+    summary = dict(projected_network_then_crf_minutes=projected, best_backend=best,
+                   target_met=projected[best] < 20, network_minutes=network_min)
+    if args.out or not args.quick:
+        return write_report(settings, info, table, summary,
+                            args.out or RESULTS / f"stage_two_{args.precision}.json")
+    return dict(settings=settings, machine=info, rows=table, summary=summary)
 
 
 if __name__ == "__main__":

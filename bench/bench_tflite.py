@@ -11,7 +11,7 @@ Rows, per model:
   tflite     the interpreter (ai-edge-litert, XNNPACK delegate, --threads threads) on the
              release file: uint8 weights and activations for `quant` / `dm05`, float32 for
              `float257`
-  fp32       our Predictor, fp32, NCHW
+  fp32       our Predictor (seglab/inference/predictor.py), fp32, NCHW
   fp32_cl    our Predictor, fp32, channels_last (the Predictor's default)
   bf16       our Predictor, bf16 autocast (weights cast once), NCHW
   bf16_cl    our Predictor, bf16 autocast, channels_last
@@ -19,18 +19,18 @@ One call = a prepared input (the image padded to the model's input size: uint8 f
 interpreter, normalised to [-1, 1] for ours) -> labels at the input size. The uint8 graphs end in
 RESIZE_BILINEAR + ARG_MAX at 513, so ours includes the same: logits, the bilinear upsampling
 (align_corners=True, as the graph and full_resolution_logits) and the argmax, the last two done
-channels-last (`labels_at`: the pipeline's labels, checked once per image, in a quarter of the
-time of full_resolution_logits(...).argmax(0)); the float graph outputs 257x257
+channels-last (common.labels_at: the pipeline's labels, checked once per image, in a quarter of
+the time of full_resolution_logits(...).argmax(0)); the float graph outputs 257x257
 logits, so the interpreter row includes numpy's argmax. Inputs: the first --images VOC val
 images, padded bottom/right to 513 (`float257`: longer side resized to 257 first, as in
 issue 14). Torch runs --threads intra-op threads, like the interpreter.
 
-Timing: all rows of a model in one process, interleaved: after one warm-up call each, --reps
-rounds over the images, one call per row per image, so load from other processes hits every row
-alike. The table shows the best and median time per image, and "x tflite": the median over
-(round, image) of this row's time / the interpreter's on the same image in the same round;
-"cpu s" the median process CPU time per call (all threads, spin-waits included), which other
-load on the machine disturbs less than the wall time.
+Timing: all rows of a model in one process, interleaved (common.interleaved): after one warm-up call
+each, --reps rounds over the images, one call per row per image, so load from other processes hits
+every row alike. The table shows the best and median time per image, and "x tflite": the median over
+(round, image) of this row's time / the interpreter's on the same image in the same round; "cpu s"
+the median process CPU time per call (all threads, spin-waits included), which other load on the
+machine disturbs less than the wall time.
 Agreement: the share of image pixels (the padding cropped off, as evaluation does) whose label
 equals our fp32 row's, and the interpreter's.
 Target (issue 14): our fastest row within 2x of the interpreter's uint8 time, with >= 99% label
@@ -38,21 +38,20 @@ agreement with our fp32. --profile adds a torch.profiler table of our fastest ro
 (top operators by self CPU time, and the share per kind: 1x1 conv, depthwise, 3x3, resize,
 argmax, elementwise), which says where the time goes.
 
-Results: a printed table and bench/results/tflite.json (machine, load average, every time).
+Results: a printed table and bench/results/tflite.json (common.write_report: the settings, the
+machine with the load average at the start and end, a row per model and row with every time;
+each model's input size and profile in the summary).
 """
 from __future__ import annotations
 
-from common import ROOT, write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+from common import (REAL, finish, interleaved, labels_at, machine, paired, voc_ids,  # noqa: E402
+                    write_report)  # (common also puts Implementation/ on sys.path)
 import argparse
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from seglab.checkpoint import make_checkpoint
@@ -62,7 +61,6 @@ from seglab.models import build_model
 from seglab.models.resize import full_resolution_logits
 from seglab.weights.tflite import URLS, graph_to_state_dict, infer_arch, read_tflite
 
-REAL = ROOT.parent / "shared" / "real"
 RESULTS = Path(__file__).resolve().parent / "results" / "tflite.json"
 MODELS = {"quant": "deeplabv3_mnv2_pascal_quant.tflite",
           "dm05": "deeplabv3_mnv2_dm05_pascal_quant.tflite",
@@ -87,9 +85,9 @@ def interpreter(path: Path, threads: int):
 
 def images(count: int, size: int) -> list[np.ndarray]:
     """The first `count` VOC val images; longer side resized to `size` when smaller than 513."""
-    voc = REAL / "voc_dev" / "VOCdevkit" / "VOC2012"
+    voc, ids = voc_ids(REAL / "voc_dev", "val", count)
     out = []
-    for image_id in (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:count]:
+    for image_id in ids:
         image = load_image(voc / "JPEGImages" / f"{image_id}.jpg")
         if max(image.shape[:2]) > size:
             h, w = image.shape[:2]
@@ -117,28 +115,19 @@ def tflite_row(it, image: np.ndarray):
     return call
 
 
-def labels_at(logits: torch.Tensor, size: int) -> np.ndarray:
-    """full_resolution_logits(logits, (size, size), (size, size)).argmax(0), computed with the
-    channels innermost (channels_last): the same bilinear weights (align_corners=True) and the
-    same argmax, about 4x faster on one core here than argmax(0) over a (21, 513, 513) tensor,
-    whose reduction runs across planes."""
-    full = F.interpolate(logits[None].contiguous(memory_format=torch.channels_last),
-                         size=(size, size), mode="bilinear", align_corners=True)
-    return full.argmax(1)[0].numpy()
-
-
 def ours_row(predictor: Predictor, image: np.ndarray, size: int):
     """(call -> labels at the input size) of one Predictor on the prepared input; checks once
     that `labels_at` gives the pipeline's labels (full_resolution_logits + argmax(0))."""
     x, _ = predictor.transform("voc", size)(image)
     logits = predictor.logits(x)
     pipeline = full_resolution_logits(logits, (size, size), (size, size)).argmax(0).numpy()
-    if not np.array_equal(labels_at(logits, size), pipeline):
+    fast = labels_at(logits, size).numpy()
+    if not np.array_equal(fast, pipeline):
         print(f"note: labels_at differs from full_resolution_logits().argmax(0) on "
-              f"{np.mean(labels_at(logits, size) != pipeline):.2e} of the pixels (a tie)")
+              f"{np.mean(fast != pipeline):.2e} of the pixels (a tie)")
 
     def call():
-        return labels_at(predictor.logits(x), size)
+        return labels_at(predictor.logits(x), size).numpy()
     return call
 
 
@@ -165,21 +154,15 @@ def build_rows(name: str, threads: int, images_: list) -> tuple[dict, dict, int]
 def time_model(name: str, args) -> dict:
     images_ = images(args.images, 257 if name == "float257" else 513)
     calls, descriptions, size = build_rows(name, args.threads, images_)
-    for row in calls:
-        calls[row][0]()                                              # warm-up
-    times = {row: [] for row in calls}
-    cpu = {row: [] for row in calls}
+    n = len(images_)
     labels = {row: [] for row in calls}
-    for rep in range(args.reps):
-        for k, image in enumerate(images_):
-            for row, fns in calls.items():
-                start, start_cpu = time.perf_counter(), time.process_time()
-                out = fns[k]()
-                times[row].append(time.perf_counter() - start)
-                cpu[row].append(time.process_time() - start_cpu)
-                if rep == 0:
-                    labels[row].append(out[:image.shape[0], :image.shape[1]])
-        print(f"{name}: round {rep + 1}/{args.reps} done", flush=True)
+
+    def keep(row, k, out):                      # the first round over the images
+        if k < n:
+            labels[row].append(out[:images_[k].shape[0], :images_[k].shape[1]])
+    # a round of common.interleaved = one image: round k runs image k % n
+    times, cpu = interleaved({row: (lambda k, fns=fns: fns[k % n]()) for row, fns in calls.items()},
+                             args.reps * n, keep=keep, progress=f"{name}: images x rounds")
     rows = []
     for row in calls:
         agree = {ref: float(np.mean(np.concatenate(
@@ -188,8 +171,7 @@ def time_model(name: str, args) -> dict:
         rows.append(dict(model=name, name=row, description=descriptions[row], times=times[row],
                          cpu_times=cpu[row], cpu_median_s=float(np.median(cpu[row])),
                          best_s=min(times[row]), median_s=float(np.median(times[row])),
-                         x_tflite=float(np.median([t / b for t, b in zip(times[row],
-                                                                         times["tflite"])])),
+                         x_tflite=paired(times[row], times["tflite"]),
                          agreement_fp32=agree.get("fp32"), agreement_tflite=agree["tflite"]))
     result = dict(model=name, file=MODELS[name], input_size=size, rows=rows)
     if args.profile:
@@ -226,18 +208,6 @@ def profile(call, row: str, model: str) -> dict:
     print("share of self CPU time: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in
                                                  sorted(shares.items(), key=lambda kv: -kv[1])))
     return dict(row=row, shares=shares, total_ms=total / 1000)
-
-
-def machine(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=threads, torch=torch.__version__,
-                python=platform.python_version(), load_average_at_start=list(os.getloadavg()))
 
 
 def table(results: list) -> str:
@@ -288,15 +258,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     info = machine(args.threads)
     results = [time_model(name, args) for name in args.models]
-    info["load_average_at_end"] = list(os.getloadavg())
+    finish(info)
     print(f"\n{info['cpu']}, {info['cores']} cores, {args.threads} threads, torch "
           f"{info['torch']}; {args.images} images x {args.reps} rounds after 1 warm-up; load "
           f"average {info['load_average_at_start'][0]:.2f} at the start, "
           f"{info['load_average_at_end'][0]:.2f} at the end")
     print(table(results))
     print(verdict(results))
-    write_report(dict(machine=info, images=args.images, reps=args.reps, results=results),
-                 args.out)
+    rows = [r for result in results for r in result["rows"]]
+    summary = {r["model"]: {k: v for k, v in r.items() if k not in ("model", "rows")}
+               for r in results}
+    write_report(dict(models=args.models, images=args.images, reps=args.reps,
+                      threads=args.threads, profile=args.profile), info, rows, summary, args.out)
     return 0
 
 

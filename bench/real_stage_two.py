@@ -2,29 +2,32 @@
 network, measured with the pipeline's own evaluation on real VOC 2012 val images.
 
     python bench/real_stage_two.py [--voc ../shared/real/voc_dev] [--tflite FILE] [--workers 2]
+        [--folds 2] [--out FILE]
 
 The network is Google's DeepLab v3 MobileNetV2 (depth 1.0, VOC-trained, TF Lite release;
 download: see `python Implementation/convert.py tflite --help`), converted by
-`convert.py tflite`. Rows (all through seglab.evaluation.evaluate, the VOC protocol: pad to 513):
+`convert.py tflite`. Rows (all through seglab.evaluation.evaluate, the VOC protocol: pad to 513;
+the CRF through seglab/densecrf/runner.py):
   single scale              the network once
   MSC, max                  the paper's scales 1, 0.75, 0.5, fused by max (as DeepLab v2 trains)
   MSC, mean                 the same scales, class probabilities averaged (TF DeepLab's test)
   MSC, mean + flip          ... and the left-right mirror
   + CRF (paper)             the dense CRF with the paper's ResNet-101 parameters, on the single
                             scale and on the MSC-mean logits
-  + CRF (searched)          the paper's grid search on the single-scale logits, 2-fold
-                            cross-validated: each image is scored with the setting tuned on the
-                            other fold, never on itself (a reduced grid, GRID below, to keep the
-                            run to minutes on 2 cores)
+  + CRF (searched)          the paper's grid search on the single-scale logits
+                            (seglab/densecrf/search.py), 2-fold cross-validated: each image is
+                            scored with the setting tuned on the other fold, never on itself (a
+                            reduced grid, GRID below, to keep the run to minutes on 2 cores)
 Each row gives mIoU, pixel accuracy, per-class IoU and the trimap bands (mIoU within k px of a
 boundary). The images are the ones in --voc (20 VOC val images in this project's shared data);
-numbers on so few images carry a few points of sampling noise. Results: bench/results/real_stage_two.json.
+numbers on so few images carry a few points of sampling noise. Results:
+bench/results/real_stage_two.json (common.write_report: a row per table row; the image count and
+CRF failures in the summary).
 """
 from __future__ import annotations
 
-from common import ROOT, write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+from common import REAL, ROOT, machine, write_report  # noqa: E402  (puts Implementation/ on path)
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -35,7 +38,6 @@ from seglab.densecrf.search import cross_validate, score_grid, search_grid
 from seglab.evaluation.evaluate import EvalSettings, evaluate
 from seglab.evaluation.logit_cache import cache_path
 
-SHARED = ROOT.parent / "shared" / "real"
 RESULTS = Path(__file__).resolve().parent / "results" / "real_stage_two.json"
 TRIMAP = (1, 2, 4, 8, 16, 32)
 GRID = {"bi_w": [3, 5], "bi_xy_std": [30, 50, 70, 90], "bi_rgb_std": [3, 5]}
@@ -56,15 +58,16 @@ def row(scores: dict) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--voc", type=Path, default=SHARED / "voc_dev")
-    p.add_argument("--tflite", type=Path, default=SHARED / "models" /
+    p.add_argument("--voc", type=Path, default=REAL / "voc_dev")
+    p.add_argument("--tflite", type=Path, default=REAL / "models" /
                    "deeplabv3_mnv2_pascal_quant.tflite")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--folds", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if not args.tflite.is_file() or not (args.voc / "VOCdevkit").is_dir():
         sys.exit(f"needs {args.tflite} and {args.voc}/VOCdevkit (see the script's docstring)")
-    rows = {}
+    info, rows = machine(), {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = convert(args.tflite, tmp / "mnv2.pth")
@@ -102,7 +105,10 @@ def main(argv=None) -> dict:
         tri = "".join(f"{100 * r['trimap'][w]:8.2f}" if w in r["trimap"] else f"{'':>8}"
                       for w in TRIMAP)
         print(f"{name:<44}{100 * r['miou']:7.2f}{100 * r['pixel_acc']:9.2f}{tri}")
-    return write_report(dict(images=len(ids), rows=rows, failures=len(failures)), RESULTS)
+    settings = dict(voc=args.voc, tflite=args.tflite, workers=args.workers, folds=args.folds,
+                    trimap=TRIMAP, grid=GRID)
+    return write_report(settings, info, [dict(r, row=name) for name, r in rows.items()],
+                        dict(images=len(ids), failures=len(failures)), args.out)
 
 
 if __name__ == "__main__":

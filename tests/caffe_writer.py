@@ -1,6 +1,6 @@
 """A minimal protobuf *writer* for synthetic .caffemodel files (tests only).
 
-Written independently of Implementation/caffe_proto.py (the reader): messages are built here
+Written independently of seglab/weights/caffe_proto.py (the reader): messages are built here
 from caffe.proto's field numbers with `struct`, byte by byte, so a mistake in the reader is not
 mirrored. It can write V2 `layer` (NetParameter field 100) and V1 `layers` (field 2) entries,
 blobs with a `shape` or with the legacy num/channels/height/width, float data packed or one

@@ -22,9 +22,10 @@ from convert import main as convert_main
 from seglab.checkpoint import load_checkpoint
 from seglab.config import load_config
 from seglab.models import ARCHITECTURES, build_model, param_groups
-from seglab.models.backbones import block_dilations
+from torchvision.models import resnet as tv_resnet
 from seglab.models.fcn import FCNVGG
 from seglab.models.segnet import SegNet
+from numerics import DEEP, ONE_OP, assert_close_to_scale
 
 # Parameter counts (21 classes) of public reference implementations, computed by running (or,
 # for Caffe prototxts, counting) their code outside this repository:
@@ -72,6 +73,12 @@ TINY = {"vgg16": {"width": 4, "fc_width": 8}, "resnet152": {"depth": 10},
         "densenet201": {"depth": 13}, "unet": {"width": 4}, "segnet_vgg16bn": {"width": 4},
         "pspnet_resnet101": {"depth": 10, "head_width": 16}, "gcn_resnet152": {"depth": 10},
         "duc_hdc_resnet101": {"depth": 10, "duc_rates": [3]}}
+
+
+def block_dilations(layer) -> list[int]:
+    """The dilation of each block's 3x3 convolution (Bottleneck conv2, BasicBlock conv1)."""
+    return [(b.conv2 if isinstance(b, tv_resnet.Bottleneck) else b.conv1).dilation[0]
+            for b in layer]
 
 
 def tiny(name):
@@ -243,15 +250,18 @@ def test_each_network_trains_and_evaluates_through_the_scripts(tmp_path, name):
     ckpt = load_checkpoint(run / "checkpoints" / "final.pth")
     assert ckpt["arch"]["name"] == name and ckpt["input_norm"] == ARCHITECTURES[name].input_norm
     with open(run / "log.csv") as f:
-        rows = f.read().splitlines()[1:]
+        header, *rows = f.read().splitlines()
     assert len(rows) == 3 and all(np.isfinite(float(r.split(",")[2])) for r in rows)
+    # each trains and tests with its own recipe, single scale, not DeepLab v2's MSC
+    assert ckpt["recipe"]["msc_scales"] == [] and ckpt["config"]["model"]["msc_scales"] == []
+    assert not any(c.startswith("loss_0.") for c in header.split(","))
     torch.manual_seed(0)  # train.seed: the network as initialised; training must have moved it
     init = build_model(ckpt["arch"]).state_dict()
     assert any(not torch.equal(init[k], v) for k, v in ckpt["model"].items()
                if v.is_floating_point())
     scores = json.loads((run / "eval_val" / "scores_crf.json").read_text())
     assert scores["num_images"] == 2 and 0 <= scores["miou"] <= 1 and scores["crf_params"]
-    assert scores["msc_scales"] == [0.75, 0.5]  # MSC at evaluation, for every network
+    assert scores["msc_scales"] == [] and scores["recipe"]["sources"]["msc_scales"] == "checkpoint"
     out = tmp_path / "again"
     assert evaluate.main(["--checkpoint", str(run / "checkpoints" / "final.pth"), "--config",
                           cfg, "--out", str(out), "--crf"]) == 0
@@ -299,7 +309,7 @@ def test_resnet_backbone_gives_torchvision_features_and_trains_from_it(tmp_path,
         b, tv = net.eval().backbone, tv.eval()
         ours = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))))
         ref = torch.flatten(tv.avgpool(ours), 1)
-        assert torch.allclose(tv.fc(ref), tv(x), atol=1e-5)  # the same features as torchvision's
+        assert_close_to_scale(tv.fc(ref), tv(x), DEEP)  # the same features as torchvision's
     cfg = run_config(tmp_path, "gcn_resnet152")  # pretrained init -> frozen BN, same arch
     assert train.main(["--config", cfg, "--run-dir", str(tmp_path / "run"), "--init", str(out),
                        "train.iterations=1", "train.checkpoint_every=1", "--no-eval"]) == 0
@@ -322,7 +332,7 @@ def test_densenet_backbone_with_the_old_key_spelling(tmp_path):
     assert ckpt["arch"]["depth"] == 13
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(net.tap_features(x)[32], tv.eval().features(x), atol=1e-5)
+        assert_close_to_scale(net.tap_features(x)[32], tv.eval().features(x), DEEP)
 
 
 def tiny_vgg_file(tmp_path, batch_norm=False):
@@ -346,8 +356,8 @@ def test_vgg16_classifier_becomes_fc6_fc7_and_presets_name_the_arch(tmp_path, mo
     pool5 = torch.randn(2, 32, 7, 7)
     with torch.no_grad():  # "convolutionalization": the 7x7 conv on pool5 is the Linear layer
         fc6 = net.fc6(pool5).flatten(1)
-    assert torch.allclose(fc6, F.linear(pool5.flatten(1), sd["classifier.0.weight"],
-                                        sd["classifier.0.bias"]), atol=1e-5)
+    assert_close_to_scale(fc6, F.linear(pool5.flatten(1), sd["classifier.0.weight"],
+                                        sd["classifier.0.bias"]), ONE_OP)
     calls = []
     monkeypatch.setattr(torchvision.models.VGG16_Weights, "get_state_dict",
                         lambda self, progress=True: calls.append(progress) or sd)
@@ -426,6 +436,7 @@ def test_fcn_caffemodel_converts_to_exactly_the_written_values(tmp_path, stride)
     assert (ckpt["arch"]["width"], ckpt["arch"]["fc_width"], ckpt["arch"]["scale_skips"]) == (
         4, 8, False)
     assert ckpt["trained_on"] == "trainval_aug" and ckpt["input_norm"] == "caffe"
+    assert (ckpt["recipe"]["mode"], ckpt["recipe"]["msc_scales"]) == ("full", [])
     assert sorted(expected) == sorted(ckpt["model"])  # every tensor filled, nothing else
     for key, value in expected.items():
         assert np.array_equal(ckpt["model"][key].numpy(), value), key

@@ -24,6 +24,7 @@ from seglab.weights.published import ours_to_published, published_to_ours
 from seglab.weights.torchvision_imagenet import load_torchvision_state, torchvision_to_ours
 from seglab.models import build_model
 from seglab.models.deeplabv2 import DeepLabV2
+from numerics import DEEP, assert_close_to_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BLOCKS = {2: ["a"], 3: ["a"], 4: ["a"], 5: ["a"]}
@@ -187,6 +188,12 @@ def test_resnet101_release_names_all_map(tmp_path):
         assert torch.equal(ckpt["model"][key], value), key
     assert len(expected) == 632 - 104  # every tensor but the 104 BatchNorm counters
     assert ckpt["trained_on"] == "train_aug" and ckpt["input_norm"] == "caffe"
+    # the release's test recipe and VOC's classes travel with the weights
+    recipe = ckpt["recipe"]
+    assert (recipe["msc_scales"], recipe["msc_fusion"], recipe["mode"], recipe["pad_to"]) == (
+        [0.75, 0.5], "max", "voc", 513) and "test.prototxt" in recipe["source"]
+    assert ckpt["dataset"] == "voc" and ckpt["classes"][15] == "person"
+    assert ckpt["palette"][15] == [192, 128, 128]
     prov = ckpt["provenance"]
     assert prov["sha256"] == hashlib.sha256(data).hexdigest() and prov["converter"] == "caffe"
     assert prov["source"] == str(path) and prov["input_norm"] == "caffe"
@@ -420,6 +427,8 @@ def test_pth_cli_both_ways(tmp_path):
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["arch"] == net.arch and ckpt["trained_on"] == "train_aug"
     assert ckpt["input_norm"] == "caffe" and ckpt["provenance"]["converter"] == "pth"
+    assert (ckpt["recipe"]["mode"], ckpt["recipe"]["interp"], ckpt["recipe"]["msc_scales"]) == (
+        "full", "pytorch", [0.75, 0.5]) and "kazuto1011" in ckpt["recipe"]["source"]
     assert all(torch.equal(ckpt["model"][k], v) for k, v in net.state_dict().items())
     assert main(["pth", str(out), str(back), "--to-published"]) == 0
     restored = torch.load(back, weights_only=True)
@@ -475,7 +484,7 @@ def test_torchvision_backbone_gives_the_same_features():
         ref = tv.layer4(tv.layer3(tv.layer2(tv.layer1(t))))
         got = ours.backbone(x)
     assert got.shape == ref.shape == (1, 2048, 3, 3) and ref.abs().max() > 0.1
-    assert (got - ref).abs().max() < 1e-4
+    assert_close_to_scale(got, ref, DEEP)
 
 
 def test_torchvision_resnet101_keys_map_onto_our_backbone(resnet101):

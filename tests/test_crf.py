@@ -68,7 +68,7 @@ def direct_pydensecrf(image, unary, p: CRFParams, normalization):
 def test_params_are_the_papers_and_round_trip_through_json(tmp_path):
     p = CRFParams()
     assert p.to_dict() == dict(iterations=10, bi_w=4, bi_xy_std=67, bi_rgb_std=3, pos_w=3,
-                               pos_xy_std=1, normalization="after")
+                               pos_xy_std=1, normalization="after", compat=None)
     q = CRFParams(iterations=5, bi_w=5, bi_xy_std=80, bi_rgb_std=4, normalization="symmetric")
     assert CRFParams.from_json(q.to_json(tmp_path / "best.json")) == q
     (tmp_path / "typo.json").write_text(json.dumps({"bi_ww": 4}))

@@ -1,4 +1,5 @@
-"""The pure-PyTorch dense CRF (crf_torch.py) and its permutohedral lattice (permutohedral.py).
+"""The pure-PyTorch dense CRF (seglab/densecrf/torch_crf.py) and its permutohedral lattice
+(seglab/densecrf/permutohedral.py).
 
 References written another way: pydensecrf (Krähenbühl's C++ lattice) on generated scenes, an
 exact O(N^2) mean field with explicit Gaussian kernels on a tiny image, the filter taken step by
@@ -13,6 +14,7 @@ from scipy.ndimage import gaussian_filter
 from seglab.densecrf import permutohedral
 from seglab.densecrf.torch_crf import PairwiseKernel, dense_crf, gaussian_kernel, kernel_features
 from seglab.densecrf.permutohedral import PermutohedralLattice
+from numerics import assert_close_to_scale, assert_labels_agree
 
 
 def scene(h, w, c, seed=0, noise=1.5):
@@ -139,9 +141,10 @@ def test_extreme_energies_stay_finite():
     img, unary = scene(20, 30, 4, seed=8)
     for shifted in (unary + 800.0, unary * 40.0 - 300.0):
         ref, q = pydensecrf_q(img, shifted, 5, "after"), dense_crf(img, shifted, 5)
-        assert (q.argmax(0) == ref.argmax(0)).all()
-        # float32 sums at |energy| ~ 800 round to ~6e-5 (in pydensecrf too): |dQ| ~2e-4
-        np.testing.assert_allclose(q, ref, atol=1e-3)
+        # float32 sums at |energy| ~ 800 round to ~6e-5 (in pydensecrf too): |dQ| ~2e-4 of the
+        # marginals' scale, 1; a label may flip only where two marginals are that close
+        assert_close_to_scale(q, ref, 1e-3)
+        assert_labels_agree(q, ref, 1e-3)
     ref = pydensecrf_q(img, unary, 5, "none")
     q = dense_crf(img, unary, 5, normalization="none")
     assert np.isfinite(q).all()

@@ -14,6 +14,7 @@ from seglab.inference.predictor import Predictor
 from test_crf_torch import scene
 from test_inference import tiny_net
 from test_train import tiny_config
+from numerics import assert_close_to_scale
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -38,8 +39,8 @@ def test_inference_on_cuda_matches_the_cpu(precision):
     labels, logits = Predictor(net, device="cuda", precision=precision).predict(image)
     assert labels.shape == cpu_labels.shape
     if precision == "fp32":
-        np.testing.assert_allclose(logits.cpu().numpy(), cpu_logits.cpu().numpy(), rtol=1e-3,
-                                   atol=1e-3)
+        # cuDNN may pick TF32 convolutions (10-bit mantissa): 1e-3 of the scale
+        assert_close_to_scale(logits, cpu_logits, 1e-3)
     assert (labels == cpu_labels).mean() > (0.999 if precision == "fp32" else 0.97)
 
 

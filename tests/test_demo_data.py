@@ -1,4 +1,4 @@
-"""demo_data.py: the synthetic VOC-layout set is complete, deterministic, skipped when present,
+"""seglab/data/demo.py: the synthetic VOC-layout set is complete, deterministic, skipped when present,
 and looks like VOC (classes from the chosen set, void bands on borders, class colours)."""
 import json
 import os

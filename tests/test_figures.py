@@ -27,6 +27,7 @@ import train
 from seglab.models.msc import MSC
 from seglab.models.deeplabv2 import DeepLabV2
 from seglab.models.resize import resize, scaled_size
+from numerics import DEEP, assert_close_to_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ["atrous_fov.png", "network.png", "msc.png", "crf_iterations.png",
@@ -194,7 +195,7 @@ def test_msc_and_crf_figures_draw_an_image_without_a_label(tmp_path):
     predictor = Predictor(net, device="cpu", fold_bn=False, channels_last=False,
                           shifted_aspp=False, msc_scales=scales, interp="caffe", norm="caffe")
     labels, logits = predictor.predict(image, "voc", PAD_TO)
-    assert torch.allclose(pred.fused, logits, atol=1e-5)
+    assert_close_to_scale(pred.fused, logits, DEEP)
     assert np.array_equal(pred.labels[-1], labels)
     assert len(pred.labels) == len(scales) + 2 and pred.labels[0].shape == image.shape[:2]
 
@@ -248,7 +249,8 @@ def test_real_photo_figures_show_a_person_on_the_astronaut_photo(tmp_path):
         assert (tmp_path / "fig" / name).stat().st_size > 20000, name
     from seglab.figures.real import photo, real_network
     from seglab.figures.msc import msc_predict
-    net, transform = real_network(ckpt)
+    net, transform, (names, colors) = real_network(ckpt)
+    assert names[15] == "person" and colors[15] == [192, 128, 128]   # the checkpoint's own
     labels = msc_predict(net, photo("astronaut"), transform, (), "caffe").fused.argmax(0)
     person = (labels == 15).float().mean().item()  # VOC class 15: person
     assert 0.2 < person < 0.8  # the astronaut fills a good part of the frame, not all of it

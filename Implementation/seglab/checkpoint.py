@@ -7,12 +7,18 @@
       "model": state_dict of the bare network (no MSC / DDP prefixes),
       "trained_on": "train_aug" | "trainval" | ... | None,   # which split the weights saw
       "input_norm": "caffe" | "imagenet" | "tf",  # how its inputs were normalised
+      "recipe": {"msc_scales", "msc_fusion", "interp", "mode", "pad_to", "source"},
+                                                 # how it is tested (seglab/recipe.py)
+      "dataset": "voc" | "cityscapes" | ... ,    # the label set its classifier predicts
+      "classes": [names], "palette": [[r, g, b], ...],   # one per class
       "provenance": {...},                       # source file, sha256, converter, notes
       # training checkpoints also carry: optimizer, iteration, rng, config
     }
 
 Checkpoints written before the pipeline had several architectures say format "deeplab-v2" and
-have no arch name: they load as DeepLab v2.
+have no arch name: they load as DeepLab v2. Checkpoints written before classes and recipes
+travelled with the weights load as VOC (its names and colour map) with the recipe of their
+training config, else their architecture's (`label_set`, seglab/recipe.py).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from pathlib import Path
 import torch
 
 from seglab.atomic import atomic_output
+from seglab.data.labels import VOC_CLASSES, class_names, full_palette, voc_palette
 from seglab.models import architecture, normalize_arch
 
 FORMAT, VERSION = "seglab", 1
@@ -93,6 +100,27 @@ def make_checkpoint(arch: dict, state_dict: dict, trained_on=None, provenance=No
     return dict(format=FORMAT, version=VERSION, arch=normalize_arch(arch),
                 model={k: v.detach().cpu() for k, v in state_dict.items()},
                 trained_on=trained_on, provenance=dict(provenance or {}), **extra)
+
+
+def label_set(ckpt: dict | None, num_classes: int) -> tuple[list[str], list[list[int]]]:
+    """(class names, RGB colour of each class) a checkpoint states; VOC's names (the index past
+    20) and the VOC colour map for one that states none (written before they were recorded)."""
+    ckpt = ckpt or {}
+    names, colors = ckpt.get("classes"), ckpt.get("palette")
+    if not names or len(names) != num_classes:
+        names = class_names(num_classes)
+    if colors is None or len(colors) != num_classes:
+        colors = voc_palette()[:num_classes]
+    return [str(n) for n in names], [[int(c) for c in rgb] for rgb in colors]
+
+
+def label_facts(dataset: str | None, classes, colors) -> dict:
+    """The `dataset` / `classes` / `palette` fields of a checkpoint."""
+    return dict(dataset=dataset, classes=[str(c) for c in classes],
+                palette=full_palette(colors)[:len(classes)].tolist())
+
+
+VOC_LABELS = label_facts("voc", VOC_CLASSES, voc_palette()[:len(VOC_CLASSES)])
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -25,6 +25,7 @@ import yaml
 
 from seglab.densecrf.params import BACKENDS, NORMALIZATIONS, CRFParams
 from seglab.data.registry import dataset_class
+from seglab.data.transforms import NORMS
 from seglab.models import build_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -35,7 +36,8 @@ DEFAULTS = {
         "root": "data",               # folder that contains VOCdevkit/
         "train_split": "train_aug",   # 10,582 images (VOC 2012 train + SBD - VOC val)
         "val_split": "val",           # 1,449 images
-        "num_classes": 21,
+        "num_classes": 0,             # 0: the data set's own (VOC 21, classes.txt of a folder);
+                                      # an explicit value must agree with it
         "crop": 321,                  # Caffe data layer: random crop after scale + pad
         "scales": [0.5, 0.75, 1.0, 1.25, 1.5],
         "mirror": True,
@@ -50,12 +52,20 @@ DEFAULTS = {
         "name": "deeplabv2",          # `python Implementation/model.py` lists the architectures
         "arch": {},                   # the architecture's options; {} = its published form
                                       # (DeepLab v2: ResNet-101, ASPP-L rates 6/12/18/24)
-        "msc_scales": [0.75, 0.5],    # MSC: 1x plus these, fused by max; [] = single scale
-        "interp": "caffe",            # caffe: Interp, align_corners=True; pytorch: the port's
+        # The recipe settings below say "auto" (null, 0): the checkpoint's, else the
+        # architecture's, else DeepLab v2's (seglab/recipe.py resolves them; each script prints
+        # and saves the result). DeepLab v2's: MSC [0.75, 0.5] max-fused, caffe Interp, the VOC
+        # protocol padded to 513, Caffe input normalisation.
+        "msc_scales": None,           # MSC: 1x plus these (e.g. [0.75, 0.5]); [] = single scale
+        "interp": "auto",             # caffe: Interp, align_corners=True; pytorch: the port's
+        "crf_layer": False,           # train through the dense CRF (CRF-as-RNN; the crf
+                                      # section's params, fixed): loss += CE of its marginals
     },
     "train": {
         "init": "weights/init_coco.pth",  # scratch | imagenet | a converted/our checkpoint
         "iterations": 20000,
+        "epochs": 0,                  # > 0: iterations = ceil(epochs x training images /
+                                      # effective batch) instead (the folder preset's 30)
         "effective_batch": 10,        # = batch_per_step x accumulation x processes
         "batch_per_step": 10,         # lower it to fit GPU memory; accumulation makes up the rest
         "base_lr": 1.0e-3,            # paper (LargeFOV) and our mission; released solver: 2.5e-4
@@ -64,22 +74,32 @@ DEFAULTS = {
         "poly_power": 0.9,            # lr = base_lr * (1 - it / iterations) ** 0.9, every iteration
         "loss_targets": "caffe",      # caffe: label[::8, ::8] (and [::16, ::16]); nearest: the port's
         "aux_weight": None,           # loss weight of an auxiliary head; null = the architecture's
+        "init_classes": {},           # class-mapped init (training/class_map.py): new class ->
+                                      # old classes of the init checkpoint, e.g. {animal: [bird,
+                                      # cat]}; equal names map by themselves
+        "init_union": "exact",        # a class mapped from several old ones: exact (one row
+                                      # each, merged by log-sum-exp) | fit | mean | max (one
+                                      # linear row from theirs; training/class_map.py)
         "seed": 0,
         "checkpoint_every": 1000,
         "precision": "fp32",          # fp32 | bf16 (autocast on CUDA / CPUs with bf16)
         "channels_last": False,
         "deterministic": False,
-        "tensorboard": False,
+        "tensorboard": False,         # write RUN/tensorboard/ (seglab/training/watch.py)
+        "preview_every": 1000,        # ... with a panel of val predictions every N iterations
+        "preview_images": 4,          # ... of the first N val images
+        "val_every": 0,               # val mIoU every N iterations (0: off, as the paper)
+        "val_images": 0,              # ... on the first N val images (0: all)
     },
     "eval": {
-        "mode": "voc",                # voc: pad to 513, upsample, crop; full: whole image;
+        "mode": "auto",               # voc: pad to 513, upsample, crop; full: whole image;
                                       # torchvision / vainf: those references' protocols
-        "pad_to": 513,
+        "pad_to": 0,                  # the voc protocol's padded size (0: auto; DeepLab v2 513)
         "after_train": True,          # evaluate the final model on data.val_split
         "crf": True,                  # ... and also score it with the dense CRF
         "precision": "fp32",          # fp32 | bf16 for the network pass
         "flip": False,                # also the left-right mirror, max-fused (not in the paper)
-        "msc_fusion": "max",          # max (the paper) | mean of the class probabilities (TF's)
+        "msc_fusion": "auto",         # max (the paper) | mean of the class probabilities (TF's)
         "trimap": [],                 # also score bands of these widths (px) around boundaries
         "limit": 0,                   # only the first N images (0 = all)
         "loader_workers": 0,          # image-loading processes for the network pass
@@ -107,28 +127,31 @@ DEFAULTS = {
         "device": "auto",             # auto | cpu | cuda | cuda:N
     },
 }
-FREE_FORM = ("data.demo_args", "model.arch")   # dicts checked by their owner, not against DEFAULTS
+FREE_FORM = ("data.demo_args", "model.arch", "train.init_classes")   # dicts checked by their owner, not against DEFAULTS
 
 # Allowed values: a tuple of choices, or (minimum, maximum) bounds for numbers (None = open).
 CHOICES = {
-    "data.norm": ("auto", "caffe", "imagenet", "tf"),
+    "data.norm": ("auto", *NORMS),
     "data.check": ("auto", "always", "never"),
-    "model.interp": ("caffe", "pytorch"),
+    "model.interp": ("auto", "caffe", "pytorch"),
     "train.loss_targets": ("caffe", "nearest"),
     "train.precision": ("fp32", "bf16"),
-    "eval.mode": ("voc", "full", "torchvision", "vainf"),
+    "train.init_union": ("exact", "fit", "mean", "max"),
+    "eval.mode": ("auto", "voc", "full", "torchvision", "vainf"),
     "eval.precision": ("fp32", "bf16"),
-    "eval.msc_fusion": ("max", "mean"),
+    "eval.msc_fusion": ("auto", "max", "mean"),
     "crf.normalization": tuple(NORMALIZATIONS),
     "crf.backend": BACKENDS,
 }
 BOUNDS = {
-    "data.num_classes": (1, 255), "data.crop": (1, None), "data.workers": (0, None),
-    "train.iterations": (1, None), "train.effective_batch": (1, None),
+    "data.num_classes": (0, 255), "data.crop": (1, None), "data.workers": (0, None),
+    "train.iterations": (1, None), "train.epochs": (0, None), "train.effective_batch": (1, None),
     "train.batch_per_step": (1, None), "train.base_lr": (0, None, "exclusive"),
     "train.momentum": (0, 1), "train.weight_decay": (0, None), "train.poly_power": (0, None),
     "train.seed": (0, None), "train.checkpoint_every": (1, None),
-    "eval.pad_to": (1, None), "eval.limit": (0, None), "eval.loader_workers": (0, None),
+    "train.preview_every": (0, None), "train.preview_images": (1, None),
+    "train.val_every": (0, None), "train.val_images": (0, None),
+    "eval.pad_to": (0, None), "eval.limit": (0, None), "eval.loader_workers": (0, None),
     "crf.iterations": (0, None), "crf.bi_w": (0, None), "crf.pos_w": (0, None),
     "crf.bi_xy_std": (0, None, "exclusive"), "crf.bi_rgb_std": (0, None, "exclusive"),
     "crf.pos_xy_std": (0, None, "exclusive"), "crf.workers": (0, None),
@@ -213,7 +236,9 @@ def validate(cfg: dict) -> dict:
     for key in ("model.msc_scales", "data.scales"):
         section, name = key.split(".")
         values = cfg[section][name]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        if values is None and key == "model.msc_scales":
+            continue                              # auto: seglab/recipe.py resolves it
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                    for v in values):
             raise ConfigError(f"config key '{key}' must be a list of positive numbers; got "
                               f"{values!r}")
@@ -229,14 +254,21 @@ def validate(cfg: dict) -> dict:
         dataset_class(cfg["data"]["dataset"])
     except ValueError as e:
         raise ConfigError(f"config key 'data.dataset': {e}") from None
-    arch = dict(cfg["model"]["arch"], name=cfg["model"]["name"],
-                num_classes=cfg["data"]["num_classes"])
+    arch = arch_from_config(cfg)
+    if not arch["num_classes"]:  # 0: the data set's, decided later; any count checks the options
+        arch["num_classes"] = len(arch.get("class_groups") or ()) or 2
     try:
         with torch.device("meta"):  # builds the network's shapes only: options checked, no memory
             build_model(arch)
     except (ValueError, TypeError, AssertionError, NotImplementedError) as e:
         raise ConfigError(f"config section 'model' ({arch['name']}): {e}") from None
     return cfg
+
+
+def arch_from_config(cfg: dict) -> dict:
+    """The arch dict (seglab/models: name, options, num_classes) a config describes."""
+    m = cfg["model"]
+    return dict(m["arch"], name=m["name"], num_classes=cfg["data"]["num_classes"])
 
 
 def parse_override(text: str) -> dict:
@@ -342,9 +374,30 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
     return validate(cfg)
 
 
-def explicit_model_settings(overrides, cfg: dict) -> dict:
-    """{msc_scales, interp} for inference, only where the command line sets model.msc_scales /
-    model.interp: otherwise a checkpoint keeps the settings it was trained with."""
-    given = {o.split("=", 1)[0] for o in overrides}
-    return {k: (tuple(cfg["model"][k]) if k == "msc_scales" else cfg["model"][k])
-            for k in ("msc_scales", "interp") if f"model.{k}" in given}
+def _dotted(tree: dict, prefix: str = "") -> set:
+    keys = set()
+    for key, value in (tree or {}).items():
+        dotted = f"{prefix}{key}"
+        keys.add(dotted)
+        if isinstance(value, dict):
+            keys |= _dotted(value, dotted + ".")
+    return keys
+
+
+def given_keys(args: argparse.Namespace) -> set:
+    """The config keys ('model.name', 'model.arch.depth', ...) that the preset, the overrides or
+    the shorthand flags of a command line set: what the user asked for, as opposed to
+    DEFAULTS (train.py's --init takes the architecture from its checkpoint unless model.name is
+    among them)."""
+    path = Path(args.config)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{args.config}.yaml"
+    try:
+        preset = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        preset = {}
+    keys = _dotted(upgrade_legacy(preset) if isinstance(preset, dict) else {})
+    for o in args.overrides:
+        keys |= _dotted(parse_override(o))
+    keys |= {k[4:] for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    return keys

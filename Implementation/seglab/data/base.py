@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from seglab.atomic import atomic_output
 from seglab.data.images import DataError, load_image, open_image
-from seglab.data.labels import IGNORE, voc_palette
+from seglab.data.labels import IGNORE, distinct_palette, full_palette
 from seglab.data.transforms import CAFFE_MEAN_BGR, EvalTransform, TrainTransform, normalize
 
 INDEX_MODES = ("P", "L", "1")   # PIL modes whose pixel values are class indices
@@ -86,10 +86,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     name = "dataset"
     classes: tuple = ()                 # class names, index = class
-    colors = None                       # (len(classes), 3) uint8, or None: the VOC colour map
+    colors = None                       # (len(classes), 3) uint8: the data set's colour table;
+                                        # None: generated distinct colours (labels.py)
     ignore_label = IGNORE
     mean = tuple(reversed(CAFFE_MEAN_BGR))   # RGB, 0..255
     std = (1.0, 1.0, 1.0)
+    class_counts: tuple = ()            # other class counts the layout allows (VOC: a subset)
     raw_values = "class indices"        # what the annotation files hold, for error messages
     label_help = ""                     # how to fix a wrong label file
     how_to_get = ""                     # where the data set comes from
@@ -104,6 +106,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
+    @classmethod
+    def class_count(cls, root) -> int:
+        """How many classes the data set under `root` has (the default of data.num_classes)."""
+        return len(cls.classes)
+
     @property
     def class_names(self) -> list[str]:
         return [self.classes[i] if i < len(self.classes) else str(i)
@@ -111,12 +118,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     @property
     def palette(self) -> np.ndarray:
-        """(256, 3) uint8: the data set's class colours, the VOC colour map elsewhere."""
-        palette = voc_palette()
-        if self.colors is not None:
-            colors = np.asarray(self.colors, np.uint8)[:self.num_classes]
-            palette[:len(colors)] = colors
-        return palette
+        """(256, 3) uint8: the data set's class colours (its own table, else distinct generated
+        ones), the VOC colour map beyond them (255: VOC's void colour)."""
+        colors = (distinct_palette(self.num_classes) if self.colors is None else
+                  np.asarray(self.colors, np.uint8)[:self.num_classes])
+        return full_palette(colors)
 
     def require_num_classes(self, allowed, preset: str) -> None:
         if self.num_classes not in allowed:

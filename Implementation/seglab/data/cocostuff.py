@@ -78,6 +78,8 @@ def id_table(num_classes: int) -> np.ndarray:
 
 
 class _CocoStuff(SegmentationDataset):
+    classes = tuple(LABEL_IDS[i] for i in USED)     # 171; 182 with data.num_classes=182
+    class_counts = (len(LABEL_IDS),)
     label_help = ("COCO-Stuff labels are single-channel maps of the 182 label ids "
                   "(stuffthingmaps_trainval2017.zip for 164k, the .mat files of "
                   "cocostuff-10k-v1.1.zip for 10k); re-extract them.")

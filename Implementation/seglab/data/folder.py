@@ -91,6 +91,10 @@ class FolderSegmentation(SegmentationDataset):
         self.ids = self._split_ids(split)
         self._images = self._index_images(root / "images")
 
+    @classmethod
+    def class_count(cls, root) -> int:
+        return len(read_classes(Path(root)))
+
     def _split_ids(self, split: str) -> list[str]:
         listed = self.root / f"{split}.txt"
         self.list_path = listed if listed.is_file() else self.root / "masks"
@@ -140,6 +144,26 @@ class FolderSegmentation(SegmentationDataset):
         return path
 
 
+def images_without_masks(root) -> list[str]:
+    """Names of the files in images/ that have no mask in masks/: they are in no split."""
+    root = Path(root)
+    masks = {p.stem for p in (root / "masks").glob("*.png")}
+    return sorted(p.name for p in (root / "images").glob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem not in masks)
+
+
+def warn_unlabelled(root, shown: int = 10) -> list[str]:
+    """Print (stderr) the images that have no mask and so take part in no split."""
+    import sys
+    names = images_without_masks(root)
+    if names:
+        print(f"note: {len(names)} image(s) in {Path(root) / 'images'} have no mask in "
+              f"{Path(root) / 'masks'} and are in no split (add a mask to use one): "
+              f"{', '.join(names[:shown])}{', ...' if len(names) > shown else ''}",
+              file=sys.stderr)
+    return names
+
+
 def check_all(dataset, shown: int = 10) -> int:
     """Read every image and label of `dataset`; one DataError listing the bad ones."""
     errors = []
@@ -165,6 +189,7 @@ def prepare(root, val_fraction: float = VAL_FRACTION, seed: int = SEED) -> dict:
         for split, ids in seeded_split(every, val_fraction, seed).items():
             with atomic_output(root / f"{split}.txt") as tmp:
                 tmp.write_text("".join(f"{i}\n" for i in ids))
+    warn_unlabelled(root)
     counts = {split: check_all(FolderSegmentation(root, split, num_classes=None))
               for split in ("train", "val")}
     return dict(counts, classes=len(read_classes(root)))

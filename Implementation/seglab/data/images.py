@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -30,15 +30,19 @@ def open_image(path, what: str) -> Image.Image:
     return image
 
 
-def load_image(path) -> np.ndarray:
+def load_image(path, exif_orientation: bool = False) -> np.ndarray:
     """Read an image as (H, W, 3) uint8 RGB with PIL (as torchvision does).
 
     Grayscale and palette images are expanded to RGB, alpha is dropped, 16-bit grayscale is
-    scaled to 8 bit (value * 255 / 65535, rounded). A missing, corrupt or unreadable file is a
-    DataError naming it.
+    scaled to 8 bit (value * 255 / 65535, rounded). With `exif_orientation` a JPEG's EXIF
+    Orientation tag is applied (as cv2.imread and every photo viewer do), so a phone photo
+    stored rotated comes out as it is shown; data sets read the stored pixels, which their masks
+    were drawn on. A missing, corrupt or unreadable file is a DataError naming it.
     """
     path = Path(path)
     image = open_image(path, "image")
+    if exif_orientation:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         values = np.asarray(image).astype(np.float64)
         if image.mode == "I" and (values.min() < 0 or values.max() > 65535):

@@ -76,13 +76,37 @@ def rgb_to_label(rgb: np.ndarray, num_classes: int = len(VOC_CLASSES)) -> np.nda
     return lookup[inverse.reshape(pixel_codes.shape)]
 
 
-def save_label_png(path, label: np.ndarray) -> Path:
-    """Write a (H, W) uint8 label as a palette PNG with the VOC colour map, atomically."""
+def distinct_palette(count: int) -> np.ndarray:
+    """(count, 3) uint8 colours for classes that come without a colour table: golden-ratio steps
+    of hue at alternating value and saturation, so neighbours in the list differ clearly and no
+    two of the first 64 are alike; class 0 is black, as VOC's background."""
+    import colorsys
+    colors = np.zeros((count, 3), np.uint8)
+    for k in range(1, count):
+        hue = (k * 0.6180339887) % 1.0
+        sat, val = (0.9, 0.95) if k % 2 else (0.6, 0.7)
+        colors[k] = np.round(np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255)
+    return colors
+
+
+def full_palette(colors=None) -> np.ndarray:
+    """(256, 3) uint8: the given class colours first, the VOC colour map after them (so 255,
+    the ignore label, keeps VOC's void colour); the VOC colour map alone without colours."""
+    palette = voc_palette()
+    if colors is not None:
+        colors = np.asarray(colors, np.uint8).reshape(-1, 3)[:255]
+        palette[:len(colors)] = colors
+    return palette
+
+
+def save_label_png(path, label: np.ndarray, palette=None) -> Path:
+    """Write a (H, W) uint8 label as a palette PNG, atomically: pixel value = class index,
+    drawn in `palette` ((256, 3) or per-class colours; default the VOC colour map)."""
     label = np.asarray(label)
     if label.ndim != 2 or label.dtype != np.uint8:
         raise ValueError(f"a label must be a (H, W) uint8 array, got {label.dtype} {label.shape}")
     image = Image.fromarray(np.ascontiguousarray(label))  # mode "L"
-    image.putpalette(voc_palette().tobytes())             # "L" + palette -> "P"
+    image.putpalette(full_palette(palette).tobytes())     # "L" + palette -> "P"
     with atomic_output(path) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)

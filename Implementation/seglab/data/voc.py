@@ -14,7 +14,7 @@ import numpy as np
 
 from seglab.data.base import SegmentationDataset
 from seglab.data.images import DataError
-from seglab.data.labels import VOC_CLASSES, load_label
+from seglab.data.labels import VOC_CLASSES, load_label, voc_palette
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 SBD_URL = ("https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/"
@@ -47,6 +47,8 @@ class VOCSegmentation(SegmentationDataset):
     already: no mapping, and labels.load_label's VOC-specific checks and messages."""
 
     name, classes, how_to_get = "voc", VOC_CLASSES, HOW_TO_GET
+    class_counts = tuple(range(1, len(VOC_CLASSES)))  # a VOC-layout set of the first N classes
+    colors = voc_palette()[:len(VOC_CLASSES)]         # the devkit's colour map
 
     def __init__(self, root, split: str = "train_aug", transform=None, num_classes: int = 21,
                  check_labels: bool = True, label_dir: str | None = None):

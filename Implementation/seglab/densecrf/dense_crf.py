@@ -48,7 +48,20 @@ def resolve_backend(backend: str) -> str:
                   "using the pure-PyTorch CRF (crf.backend=torch), which gives the same labels",
                   file=sys.stderr)
         return "torch"
+    if backend == "numba" and not _numba_available():
+        if "numba" not in _NOTED:
+            _NOTED.add("numba")
+            print("note: numba is not installed (`pip install numba` provides it); using the "
+                  "pure-PyTorch CRF (crf.backend=torch), which gives the same labels",
+                  file=sys.stderr)
+        return "torch"
     return backend
+
+
+def _numba_available() -> bool:
+    """Whether the compiled lattice (crf.backend=numba, permutohedral_numba.py) can run."""
+    from seglab.densecrf import permutohedral_numba
+    return permutohedral_numba.AVAILABLE
 
 
 def unary_from_logits(logits) -> np.ndarray:
@@ -72,7 +85,8 @@ def _softmax_of_negative(unary: np.ndarray) -> np.ndarray:
 
 class DenseCRF:
     """The fully connected CRF on one image. `backend="pydensecrf"` (C++) or "torch" (the
-    pure-PyTorch permutohedral lattice of torch_crf.py, CPU or `device="cuda"`)."""
+    pure-PyTorch permutohedral lattice of torch_crf.py, CPU or `device="cuda"`), or "numba"
+    (the compiled lattice of permutohedral_numba.py, CPU)."""
 
     def __init__(self, params: CRFParams | None = None, backend: str = "pydensecrf",
                  device: str = "cpu"):
@@ -110,22 +124,35 @@ class DenseCRF:
         p = self.params
         if p.iterations == 0:
             return _softmax_of_negative(unary)
-        if is_torch_backend(self.backend):
+        if is_torch_backend(self.backend) or self.backend == "numba":   # numba: CPU only
             q = torch_crf.dense_crf(image, unary.reshape(c, h, w), iterations=p.iterations,
                                     bi_w=p.bi_w, bi_xy_std=p.bi_xy_std, bi_rgb_std=p.bi_rgb_std,
                                     pos_w=p.pos_w, pos_xy_std=p.pos_xy_std,
-                                    normalization=p.normalization, device=self.device,
-                                    lattice="fp16" if self.backend == "torch-fp16" else "fp32")
+                                    normalization=p.normalization,
+                                    device="cpu" if self.backend == "numba" else self.device,
+                                    lattice={"torch-fp16": "fp16", "numba": "numba"}.get(
+                                        self.backend, "fp32"),
+                                    **compat_kwargs(p, c))
             return np.asarray(q, dtype=np.float32).reshape(c, h * w)
         dcrf = self._dcrf
         norm = getattr(dcrf, NORMALIZATIONS[p.normalization])
         d = dcrf.DenseCRF2D(w, h, c)  # width first
         d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-        d.addPairwiseGaussian(sxy=p.pos_xy_std, compat=p.pos_w, normalization=norm)
+        pos_compat, bi_compat = p.pos_w, p.bi_w
+        if p.compat is not None:  # pydensecrf's MatrixCompatibility M: energy -U - M @ message
+            mu = p.compat_matrix(c)
+            pos_compat, bi_compat = [np.ascontiguousarray(w * mu, dtype=np.float32)
+                                     for w in (p.pos_w, p.bi_w)]
+        d.addPairwiseGaussian(sxy=p.pos_xy_std, compat=pos_compat, normalization=norm)
         d.addPairwiseBilateral(sxy=p.bi_xy_std, srgb=p.bi_rgb_std,
-                               rgbim=np.ascontiguousarray(image), compat=p.bi_w,
+                               rgbim=np.ascontiguousarray(image), compat=bi_compat,
                                normalization=norm)
         return np.array(d.inference(p.iterations), dtype=np.float32)
+
+
+def compat_kwargs(params: CRFParams, num_classes: int) -> dict:
+    """{} for Potts (the unchanged call), else {"compat": the (C, C) matrix}."""
+    return {} if params.compat is None else {"compat": params.compat_matrix(num_classes)}
 
 
 def load_crf_inputs(image_path, logits_path, interp: str = "caffe", mode: str = "voc"):

@@ -5,6 +5,10 @@ theta_alpha^2 - |I_i-I_j|^2 / 2 theta_beta^2) + w_pos exp(-|p_i-p_j|^2 / 2 theta
 solved by `iterations` mean-field updates. Defaults (the released ResNet-101 settings; see
 docs/fidelity.md): 10 iterations, w_bi=4, theta_alpha=67, theta_beta=3, w_pos=3, theta_gamma=1.
 
+Label compatibility: `compat` None is the Potts model above. A C x C symmetric matrix mu
+replaces [x_i != x_j] by mu(x_i, x_j), shared by both kernels (each still scaled by its weight),
+as CRF-as-RNN learns it (Zheng et al. 2015; `crf.py learn --compat full`). Potts = 1 - identity.
+
 Normalisation: DeepLab's CRF binary is built on the 2011 code, which normalises each message
 after filtering; that is pydensecrf's NORMALIZE_AFTER, our default ("after"). pydensecrf's own
 default is NORMALIZE_SYMMETRIC ("symmetric"), as used by the published PyTorch port.
@@ -19,8 +23,9 @@ from pathlib import Path
 NORMALIZATIONS = {"after": "NORMALIZE_AFTER", "symmetric": "NORMALIZE_SYMMETRIC"}
 
 # What runs the mean field: pydensecrf (C++), or the pure-PyTorch lattice of torch_crf.py with
-# float32 values (labels exact to float rounding) or float16 ones (faster, not exact).
-BACKENDS = ("pydensecrf", "torch", "torch-fp16")
+# float32 values (labels exact to float rounding) or float16 ones (faster, not exact), or the
+# numba-compiled lattice with the mean field fused around it (permutohedral_numba.py; CPU, exact).
+BACKENDS = ("pydensecrf", "torch", "torch-fp16", "numba")
 
 
 def is_torch_backend(backend: str) -> bool:
@@ -45,11 +50,14 @@ class CRFParams:
     pos_w: float = 3.0
     pos_xy_std: float = 1.0
     normalization: str = "after"
+    compat: tuple | None = None     # None: Potts; else a C x C symmetric matrix (tuple of rows)
 
     def __post_init__(self):
+        if self.compat is not None:
+            object.__setattr__(self, "compat", check_compat(self.compat))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "normalization":
+            if f.name in ("normalization", "compat"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not math.isfinite(value):
@@ -67,7 +75,21 @@ class CRFParams:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.compat is not None:
+            d["compat"] = [list(row) for row in self.compat]
+        return d
+
+    def compat_matrix(self, num_classes: int):
+        """The compatibility as a (C, C) float64 numpy array (Potts: 1 - identity), checked
+        against the number of labels."""
+        import numpy as np
+        if self.compat is None:
+            return 1.0 - np.eye(num_classes)
+        if len(self.compat) != num_classes:
+            raise ValueError(f"the CRF compatibility matrix is {len(self.compat)}x"
+                             f"{len(self.compat)} but the logits have {num_classes} labels")
+        return np.array(self.compat, dtype=np.float64)
 
     def to_json(self, path) -> Path:
         path = Path(path)
@@ -95,6 +117,26 @@ class CRFParams:
             return cls(**data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad CRF parameters in {path}: {e}") from e
+
+
+def check_compat(compat) -> tuple:
+    """A label compatibility matrix as a tuple of C tuples of floats: square, finite,
+    symmetric (to 1e-6 of its largest entry), else ValueError."""
+    try:
+        rows = tuple(tuple(float(v) for v in row) for row in compat)
+    except (TypeError, ValueError):
+        raise ValueError(f"compat must be null (Potts) or a C x C matrix (a list of C lists of "
+                         f"numbers), got {compat!r}") from None
+    c = len(rows)
+    if c == 0 or any(len(row) != c for row in rows):
+        raise ValueError(f"compat must be a square C x C matrix, got rows of lengths "
+                         f"{[len(row) for row in rows]}")
+    if not all(math.isfinite(v) for row in rows for v in row):
+        raise ValueError("compat must hold finite numbers")
+    scale = max(1.0, max(abs(v) for row in rows for v in row))
+    if any(abs(rows[i][j] - rows[j][i]) > 1e-6 * scale for i in range(c) for j in range(i)):
+        raise ValueError("compat must be symmetric (mu(l, l') = mu(l', l))")
+    return rows
 
 
 def crf_params_from_config(section: dict) -> CRFParams:

@@ -17,6 +17,16 @@ normalisation follows pydensecrf, with n = the lattice filtering of ones:
 The filter includes each pixel itself, as pydensecrf's does; labels agree with pydensecrf's
 up to float rounding.
 
+Label compatibility: `compat` (C, C) symmetric mu in place of Potts, energy -U - sum_k w_k
+message_k @ mu (Potts = 1 - identity, the same up to a per-pixel constant); None = Potts as above.
+
+Gradients: `dense_crf` runs under no_grad. `mean_field_differentiable` runs the same updates with
+autograd, for fitting the weights and the compatibility (learn.py) and for the CRF as a layer
+(layer.py): each lattice filter is a `_LatticeFilter` autograd function whose backward is the
+transposed filter (the passes transposed, built once per kernel: `DifferentiableKernel`), so
+no pass saves anything for backward; `checkpoint=True` also recomputes each iteration's softmax
+in the backward pass, keeping one (N, C) tensor per iteration.
+
 `lattice="fp16"` (the `torch-fp16` backend) keeps the values that move through the lattice in
 float16: the filter's passes are bound by moving rows of C floats through memory, so half the
 bytes makes them ~1.4x faster here (fbgemm's half-precision embedding bags, fp32 accumulation).
@@ -36,29 +46,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from seglab.densecrf.features import NORMALIZATIONS, kernel_features  # noqa: F401
 from seglab.densecrf.permutohedral import Bags, PermutohedralLattice
 
-NORMALIZATIONS = ("after", "symmetric", "before", "none")
 LATTICE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 _EXP_SAFE = 64.0        # exp(64) * labels stays far below float32's maximum (3.4e38)
 _FP16_PEAK = 2.0 ** 14  # largest lattice value allowed in float16 (its maximum: 65504)
-
-
-def kernel_features(height: int, width: int, xy_std: float, image: Optional[Tensor] = None,
-                    rgb_std: float = 1.0, device=None) -> Tensor:
-    """(H*W, 2 or 5) float32 features, pixels row-major, as DenseCRF2D builds them:
-    (x, y) / xy_std, then (r, g, b) / rgb_std when an (H, W, 3) image is given."""
-    if xy_std <= 0 or (image is not None and rgb_std <= 0):
-        raise ValueError(f"kernel standard deviations must be > 0, got xy {xy_std}, rgb {rgb_std}")
-    dev = image.device if image is not None else device
-    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=dev),
-                          torch.arange(width, dtype=torch.float32, device=dev), indexing="ij")
-    xy = torch.tensor(xy_std, dtype=torch.float32, device=dev)     # the C++ divides by a float
-    columns = [x.reshape(-1) / xy, y.reshape(-1) / xy]
-    if image is not None:
-        rgb = image.reshape(-1, 3).float() / torch.tensor(rgb_std, dtype=torch.float32, device=dev)
-        columns += [rgb[:, 0], rgb[:, 1], rgb[:, 2]]
-    return torch.stack(columns, 1)
 
 
 class PairwiseKernel:
@@ -148,14 +141,15 @@ def _check(img: Tensor, u: Tensor, iterations: int, normalization: str, lattice:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    if lattice not in LATTICE_DTYPES:
-        raise ValueError(f"lattice must be one of {tuple(LATTICE_DTYPES)}, got {lattice!r}")
+    if lattice not in LATTICE_DTYPES and lattice != "numba":
+        raise ValueError(f"lattice must be one of {(*LATTICE_DTYPES, 'numba')}, got {lattice!r}")
 
 
 def dense_crf(image, unary, iterations: int = 10, bi_w: float = 4.0, bi_xy_std: float = 67.0,
               bi_rgb_std: float = 3.0, pos_w: float = 3.0, pos_xy_std: float = 1.0,
               normalization: str = "after", device="cpu",
-              callback: Optional[Callable[[int, Tensor], None]] = None, lattice: str = "fp32"):
+              callback: Optional[Callable[[int, Tensor], None]] = None, lattice: str = "fp32",
+              compat=None):
     """Mean-field marginals Q (C, H, W) of the dense CRF after `iterations` updates.
 
     image: (H, W, 3) uint8 RGB; unary: (C, H, W) float energies (-log probabilities), the
@@ -164,7 +158,10 @@ def dense_crf(image, unary, iterations: int = 10, bi_w: float = 4.0, bi_xy_std: 
     pydensecrf up to float rounding; a tensor unary -> a tensor on its device (`device` is
     then ignored). callback(iteration, Q (C, H, W) tensor), if given, sees the initial
     softmax(-U) as iteration 0 and Q after every update 1..iterations (e.g. for figures).
-    lattice: "fp32" (exact) or "fp16" (faster, labels not exact: see the module docstring).
+    lattice: "fp32" (exact) or "fp16" (faster, labels not exact: see the module docstring),
+    or "numba": the compiled lattice with the mean field fused around it (CPU, exact;
+    permutohedral_numba.py).
+    compat: None (Potts) or a (C, C) symmetric label compatibility (array or tensor).
     """
     as_numpy = not isinstance(unary, Tensor)
     dev = torch.device(device) if as_numpy else unary.device
@@ -172,6 +169,11 @@ def dense_crf(image, unary, iterations: int = 10, bi_w: float = 4.0, bi_xy_std: 
     u = _as_tensor(unary, "unary", dev)
     _check(img, u, iterations, normalization, lattice)
     c, h, w = u.shape
+    if lattice == "numba":                         # the compiled lattice (permutohedral_numba.py)
+        from seglab.densecrf import permutohedral_numba
+        q = permutohedral_numba.dense_crf(img, u, iterations, bi_w, bi_xy_std, bi_rgb_std, pos_w,
+                                          pos_xy_std, normalization, callback, compat)
+        return q.numpy() if as_numpy else q
     kernels = []                                   # a zero weight adds nothing: skip it
     with torch.no_grad():
         if pos_w != 0:
@@ -180,19 +182,33 @@ def dense_crf(image, unary, iterations: int = 10, bi_w: float = 4.0, bi_xy_std: 
         if bi_w != 0:
             features = kernel_features(h, w, bi_xy_std, img, bi_rgb_std)
             kernels.append(PairwiseKernel(features, bi_w, normalization, lattice))
-        q = _mean_field(u.float().reshape(c, h * w), kernels, iterations, callback, (c, h, w))
+        mu = None if compat is None else _compat_tensor(compat, c, dev)
+        q = _mean_field(u.float().reshape(c, h * w), kernels, iterations, callback, (c, h, w), mu)
     q = q.t().reshape(c, h, w).contiguous()
     return q.cpu().numpy() if as_numpy else q
 
 
-def _mean_field(unary: Tensor, kernels, iterations: int, callback, shape) -> Tensor:
+def _compat_tensor(compat, num_classes: int, device) -> Tensor:
+    mu = torch.as_tensor(np.asarray(compat, dtype=np.float32) if not isinstance(compat, Tensor)
+                         else compat, dtype=torch.float32, device=device)
+    if tuple(mu.shape) != (num_classes, num_classes):
+        raise ValueError(f"compat must be ({num_classes}, {num_classes}) for {num_classes} labels, "
+                         f"got {tuple(mu.shape)}")
+    return mu
+
+
+def _mean_field(unary: Tensor, kernels, iterations: int, callback, shape,
+                compat: Optional[Tensor] = None) -> Tensor:
     """Q (N, C) after `iterations` updates from unary (C, N).
 
     Softmax as exp(energy - shift) / sum with a per-pixel shift fixed once, max(-U): safe
-    while no message can reach +-_EXP_SAFE (the kernels' `bound`); else torch.softmax."""
+    while no message can reach +-_EXP_SAFE (the kernels' `bound`); else torch.softmax.
+    compat (C, C): energy -U - (sum of messages) @ compat instead of Potts' -U + messages."""
     shifted = unary.amin(0, keepdim=True) - unary                     # -U - max(-U), exactly
     neg_unary = shifted.new_empty(unary.shape[::-1]).copy_(shifted.t())   # (N, C)
     bound = sum((k.bound for k in kernels), torch.zeros_like(neg_unary[:, 0]))
+    if compat is not None:                 # |m @ mu| <= max |m| * (largest column sum of |mu|)
+        bound = bound * float(compat.abs().sum(0).max())
     fast_softmax = bool(bound.max() < _EXP_SAFE)
 
     def normalise(energy: Tensor) -> Tensor:
@@ -206,6 +222,12 @@ def _mean_field(unary: Tensor, kernels, iterations: int, callback, shape) -> Ten
         callback(0, q.t().reshape(shape))
     dtype = kernels[0].dtype if kernels else torch.float32
     for it in range(1, iterations + 1):
+        if compat is not None:
+            total = sum(k.message(q.to(dtype)).float() / k.scale for k in kernels)
+            q = normalise(neg_unary - total @ compat if kernels else neg_unary.clone())
+            if callback is not None:
+                callback(it, q.t().reshape(shape))
+            continue
         energy, q_in = neg_unary, q.to(dtype)      # -U + messages, in the C++'s order
         for kernel in kernels:                     # (the first sum makes a fresh buffer)
             message, unscale = kernel.message(q_in), 1.0 / kernel.scale
@@ -215,3 +237,99 @@ def _mean_field(unary: Tensor, kernels, iterations: int, callback, shape) -> Ten
         if callback is not None:
             callback(it, q.t().reshape(shape))
     return q
+
+
+# ---------------------------------------------------------------------------------- gradients
+def transpose_bags(bags: Bags, num_inputs: int) -> Bags:
+    """The transposed map of `bags` (num_rows x num_inputs): (num_rows, C) -> (num_inputs, C)."""
+    counts = torch.diff(bags.offsets.long())
+    rows = torch.repeat_interleave(torch.arange(bags.num_rows, device=counts.device), counts,
+                                   output_size=bags.indices.numel())
+    cols = bags.indices.long()
+    order = torch.argsort(cols, stable=True)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(
+        torch.bincount(cols, minlength=num_inputs), 0)])
+    itype = bags.indices.dtype
+    return Bags(rows.index_select(0, order).to(itype), offsets.to(itype),
+                bags.weights.index_select(0, order))
+
+
+class DifferentiableKernel:
+    """A normalised Gaussian kernel of unit weight (the weight is applied outside, so that it
+    can be learned), with its transposed passes for the backward pass. dtype float32 or
+    float64 (for gradient checks). `build_transpose=False` for a kernel only run forward."""
+
+    def __init__(self, features: Tensor, normalization: str, dtype=torch.float32,
+                 build_transpose: bool = True):
+        kernel = PairwiseKernel(features, 1.0, normalization, "fp32")
+        self.dtype, self.num_points = dtype, features.shape[0]
+        self.passes = [Bags(p.indices, p.offsets, p.weights.to(dtype)) for p in kernel.passes]
+        self.transposed = None
+        if build_transpose:
+            sizes = [self.num_points] + [p.num_rows for p in self.passes[:-1]]
+            self.transposed = [transpose_bags(p, n) for p, n in
+                               zip(reversed(self.passes), reversed(sizes))]
+
+    def filter(self, q: Tensor) -> Tensor:
+        """message (N, C) of q (N, C), differentiable in q."""
+        return _LatticeFilter.apply(q, self)
+
+
+class _LatticeFilter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kernel):
+        ctx.kernel = kernel
+        out = q.to(kernel.dtype).contiguous()
+        for step in kernel.passes:
+            out = step.apply(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        kernel = ctx.kernel
+        if kernel.transposed is None:
+            raise RuntimeError("this DifferentiableKernel was built without its transpose")
+        out = grad.to(kernel.dtype).contiguous()
+        for step in kernel.transposed:
+            out = step.apply(out)
+        return out, None
+
+
+def differentiable_kernels(image: Tensor, height: int, width: int, bi_xy_std: float,
+                           bi_rgb_std: float, pos_xy_std: float, normalization: str = "after",
+                           dtype=torch.float32, build_transpose: bool = True):
+    """[Gaussian kernel, bilateral kernel] of one (H, W, 3) image (uint8 or float 0..255)."""
+    dev = image.device
+    pos = DifferentiableKernel(kernel_features(height, width, pos_xy_std, device=dev),
+                               normalization, dtype, build_transpose)
+    bi = DifferentiableKernel(kernel_features(height, width, bi_xy_std, image, bi_rgb_std),
+                              normalization, dtype, build_transpose)
+    return [pos, bi]
+
+
+def mean_field_differentiable(unary: Tensor, kernels, weights: Tensor,
+                              compat: Optional[Tensor] = None, iterations: int = 10,
+                              checkpoint: bool = False) -> Tensor:
+    """Log mean-field marginals log Q (N, C) after `iterations` updates, with autograd.
+
+    unary (N, C) energies (-log probabilities; may require grad, e.g. a network's output);
+    kernels: DifferentiableKernel list; weights (K,): each kernel's weight; compat (C, C) or
+    None (Potts). The same updates as `dense_crf` (equal to its Q up to float rounding).
+    checkpoint: recompute each iteration in the backward pass (memory: one (N, C) per
+    iteration instead of several)."""
+    neg_unary = -unary
+
+    def step(log_q: Tensor) -> Tensor:
+        q = log_q.exp()
+        total = sum(w * k.filter(q) for w, k in zip(weights, kernels))
+        energy = neg_unary + total if compat is None else neg_unary - total @ compat
+        return torch.log_softmax(energy, 1)
+
+    log_q = torch.log_softmax(neg_unary, 1)
+    for _ in range(iterations):
+        if checkpoint and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint as run_checkpointed
+            log_q = run_checkpointed(step, log_q, use_reentrant=False)
+        else:
+            log_q = step(log_q)
+    return log_q

@@ -56,17 +56,17 @@ TOLERANCE = 1e-4   # max relative difference of fp32 logits, ONNX vs PyTorch
 
 
 def torch_predictor(source, msc: bool = False, msc_scales=None, interp=None,
-                    norm=None, msc_fusion: str = "max") -> Predictor:
+                    norm=None, msc_fusion=None) -> Predictor:
     """The fp32 CPU Predictor whose `model` is what gets exported: BN folded, plain ASPP, NCHW.
     `msc=False` gives the bare network; with `msc=True` the MSC scales come from `msc_scales`,
-    else from the checkpoint's config (else the paper's 0.75, 0.5)."""
+    else from the checkpoint's recipe (seglab/recipe.py)."""
     scales = () if not msc else (None if msc_scales is None else tuple(msc_scales))
     predictor = Predictor(source, device="cpu", precision="fp32", fold_bn=True,
                           channels_last=False, shifted_aspp=False, msc_scales=scales,
                           interp=interp, norm=norm, msc_fusion=msc_fusion)
     if msc and not predictor.msc_scales:
-        raise ExportError("--msc asked for, but the checkpoint's config has no MSC scales "
-                          "(model.msc_scales=[]); give them with --msc-scales 0.75 0.5")
+        raise ExportError("--msc asked for, but the checkpoint's recipe is single scale "
+                          "(msc_scales []); give the scales with model.msc_scales=[0.75,0.5]")
     return predictor
 
 
@@ -75,10 +75,13 @@ def metadata(predictor: Predictor, precision: str = "fp32", **extra) -> dict:
     arch = unwrap(predictor.model).arch
     ckpt = predictor.checkpoint or {}
     source = dict(identity=predictor.identity, trained_on=ckpt.get("trained_on"),
-                  provenance=ckpt.get("provenance") or {}, input_norm=ckpt.get("input_norm"))
+                  provenance=ckpt.get("provenance") or {}, input_norm=ckpt.get("input_norm"),
+                  recipe_source=(ckpt.get("recipe") or {}).get("source"))
     return dict(format=FORMAT, version=VERSION, arch=arch, num_classes=predictor.num_classes,
                 norm=predictor.norm, interp=predictor.interp,
                 msc_scales=list(predictor.msc_scales), msc_fusion=predictor.msc_fusion,
+                mode=predictor.mode, pad_to=predictor.pad_to, dataset=ckpt.get("dataset"),
+                classes=predictor.classes, palette=predictor.palette,
                 output_stride=predictor.output_stride,
                 precision=precision, input=INPUT, output=OUTPUT, source=source, **extra)
 
@@ -167,7 +170,7 @@ def compare_with_torch(onnx_path, model: torch.nn.Module, inputs, interp: str = 
 
 
 def export_onnx(source, out, msc: bool = False, msc_scales=None, interp=None, norm=None,
-                fixed_size=None, check: bool = True, check_images=None, msc_fusion="max",
+                fixed_size=None, check: bool = True, check_images=None, msc_fusion=None,
                 opset: int = OPSET) -> dict:
     """Export a checkpoint (path or dict) or model to `out` (dynamic height and width, or
     `fixed_size` (H, W)); with `check`, compare the file with PyTorch on two input sizes (or

@@ -195,7 +195,7 @@ def quantize_onnx(fp32_path, out, crops, method: str = DEFAULT_METHOD, per_chann
 def quantize_checkpoint(source, out, calibration, count: int = DEFAULT_CROPS,
                         crop: int = DEFAULT_CROP, msc: bool = False, msc_scales=None,
                         split: str = "train_aug", seed: int = 0, fp32_out=None, fixed_size=None,
-                        norm=None, check_images=None, msc_fusion: str = "max",
+                        norm=None, check_images=None, msc_fusion=None,
                         method: str = DEFAULT_METHOD, float_linear: bool = False) -> dict:
     """Checkpoint (or model) -> checked fp32 ONNX (`fp32_out`, else a temp file) -> int8 QDQ
     `out`, calibrated on `count` crops of the training images under `calibration` (crops of

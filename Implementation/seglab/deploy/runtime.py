@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from seglab.checkpoint import sha256
+from seglab.checkpoint import label_set, sha256
 from seglab.deploy.onnx_file import INPUT, OUTPUT, open_session, read_metadata
 from seglab.inference.predictor import Predictor
+from seglab.recipe import resolve_recipe
 
 
 class OnnxPredictor:
@@ -41,10 +42,12 @@ class OnnxPredictor:
 
     transform = Predictor.transform
     predict = Predictor.predict
+    refine = Predictor.refine
+    describe = Predictor.describe
 
     def __init__(self, path, device="auto", precision: str = "fp32", msc_scales=None,
                  interp=None, norm=None, flip: bool = False, msc_fusion=None,
-                 threads: int = 0):
+                 threads: int = 0, mode=None, pad_to=None):
         meta = read_metadata(path)
         self.path, self.metadata = str(path), meta
         self.precision = meta["precision"]
@@ -60,14 +63,23 @@ class OnnxPredictor:
                 raise ValueError(f"{path} was exported with {name}={meta[name]!r}, not "
                                  f"{value!r}: export the checkpoint again with the {name} "
                                  "you want (export.py onnx --msc / --msc-scales)")
-        self.msc_scales, self.interp = tuple(meta["msc_scales"]), meta["interp"]
-        self.msc_fusion = meta["msc_fusion"]
-        self.norm = norm or meta["norm"]
-        self.num_classes, self.output_stride = meta["num_classes"], meta["output_stride"]
         source = meta.get("source") or {}
+        # the file's recipe: what is in the graph, then the settings the metadata states
+        stated = {k: meta[k] for k in ("msc_scales", "interp", "msc_fusion", "mode", "pad_to")
+                  if meta.get(k) is not None}
         self.checkpoint = dict(arch=meta["arch"], trained_on=source.get("trained_on"),
                                provenance=source.get("provenance") or {},
-                               input_norm=source.get("input_norm"))
+                               input_norm=meta["norm"], recipe=stated,
+                               dataset=meta.get("dataset"), classes=meta.get("classes"),
+                               palette=meta.get("palette"))
+        explicit = {k: v for k, v in dict(norm=norm, mode=mode, pad_to=pad_to).items()
+                    if v is not None}
+        self.recipe, self.recipe_sources = resolve_recipe(explicit, self.checkpoint, meta["arch"])
+        self.msc_scales, self.interp = tuple(meta["msc_scales"]), meta["interp"]
+        self.msc_fusion, self.norm = meta["msc_fusion"], self.recipe["norm"]
+        self.mode, self.pad_to = self.recipe["mode"], self.recipe["pad_to"]
+        self.num_classes, self.output_stride = meta["num_classes"], meta["output_stride"]
+        self.classes, self.palette = label_set(self.checkpoint, self.num_classes)
         self.fixed_size = tuple(meta["fixed_size"]) if meta.get("fixed_size") else None
         self.flip = bool(flip)
         self.identity = "sha256:" + sha256(path)

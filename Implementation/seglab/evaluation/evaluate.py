@@ -1,11 +1,14 @@
-"""Evaluation on a split: inference with the VOC protocol (MSC by default), a logit cache, scores,
-and optionally the dense CRF (stage two) on the cached logits.
+"""Evaluation on a split: inference with the model's own recipe, a logit cache, scores, and
+optionally the dense CRF (stage two) on the cached logits.
 
-Protocol: each image is padded bottom/right to 513 with the mean colour (`eval.mode=voc`; a
+The recipe (scales, fusion, resizing, protocol, input normalisation) is the checkpoint's unless
+the settings give one (seglab/recipe.py); it is printed in one line and saved in scores.json.
+DeepLab v2's: each image is padded bottom/right to 513 with the mean colour (`eval.mode=voc`; a
 larger image to the next size the output stride divides), goes through the network (MSC: scales
 1, 0.75, 0.5, max-fused), and its logits are upsampled to the padded size (Caffe Interp) and
 cropped back to the image; `eval.mode=full` feeds the unpadded image instead. Scores come from
-one confusion matrix over the whole split (metrics.py).
+one confusion matrix over the whole split (metrics.py); class names and colours are the
+checkpoint's.
 
 Outputs, all in one folder (default: `<run>/eval_<split>/` beside the checkpoint):
   logits/<id>.npz      the network's logits, float16 at the output stride (logit_cache.py); the
@@ -33,10 +36,10 @@ from PIL import Image
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from seglab.data.labels import class_names, load_label, save_label_png
+from seglab.data.labels import save_label_png
 from seglab.data.loaders import eval_loader
 from seglab.data.protocols import PROTOCOLS, protocol_label, protocol_size
-from seglab.data.registry import eval_dataset
+from seglab.data.registry import eval_dataset, resolve_num_classes
 from seglab.data.transforms import EvalTransform
 from seglab.densecrf.params import CRFParams, crf_params_from_config, is_torch_backend
 from seglab.densecrf.runner import CRFJob, CRFStream
@@ -45,6 +48,7 @@ from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator, format_t
 from seglab.inference.predictor import Predictor
 from seglab.deploy import load_predictor  # .onnx files (export.py) run through OnnxPredictor
 from seglab.models.resize import full_resolution_logits
+from seglab.recipe import explicit_recipe
 from seglab.weights.provenance import warn_if_trained_on
 
 CACHE_INFO = "cache.json"
@@ -62,17 +66,18 @@ class EvalSettings:
     (`from_config`) by every script, or directly in code and tests."""
     data_root: str = "data"
     split: str = "val"
-    num_classes: int = 21
+    num_classes: int = 0                 # 0: the data set's own
     dataset: str = "voc"
-    mode: str = "voc"
-    pad_to: int = 513
+    # The recipe: None takes the checkpoint's, else its architecture's (seglab/recipe.py)
+    mode: str | None = None              # voc | full | torchvision | vainf
+    pad_to: int | None = None            # the voc protocol's padded size
     precision: str = "fp32"
     device: str = "auto"
-    norm: str | None = None              # None: the checkpoint's input normalisation
-    msc_scales: tuple | None = None      # None: the checkpoint's training config (else the paper's)
-    interp: str | None = None            # None: likewise
+    norm: str | None = None              # input normalisation
+    msc_scales: tuple | None = None      # () = single scale
+    interp: str | None = None            # caffe | pytorch
     flip: bool = False                   # also the mirrored image, max-fused
-    msc_fusion: str = "max"              # max (the paper) | mean (of the class probabilities)
+    msc_fusion: str | None = None        # max (the paper) | mean (of the class probabilities)
     trimap_widths: tuple | None = None
     limit: int | None = None
     loader_workers: int = 0
@@ -85,20 +90,24 @@ class EvalSettings:
     crf_stream: bool = False             # CRF beside the network pass (needs spare cores)
 
     def __post_init__(self):
-        if self.mode not in PROTOCOLS:
+        if self.mode is not None and self.mode not in PROTOCOLS:
             raise ValueError(f"mode must be one of {PROTOCOLS}, got {self.mode!r}")
 
     @classmethod
     def from_config(cls, cfg: dict, **overrides) -> "EvalSettings":
         d, e, c = cfg["data"], cfg["eval"], cfg["crf"]
-        norm = d["norm"] if d["norm"] != "auto" else None
+        given = explicit_recipe(cfg)     # the settings the config states; None: the model's
+        scales = given.get("msc_scales")
         settings = cls(data_root=d["root"], split=d["val_split"], num_classes=d["num_classes"],
-                       dataset=d.get("dataset", "voc"), mode=e["mode"], pad_to=e["pad_to"],
-                       precision=e["precision"], device=cfg["run"]["device"], norm=norm,
+                       dataset=d.get("dataset", "voc"), mode=given.get("mode"),
+                       pad_to=given.get("pad_to"), precision=e["precision"],
+                       device=cfg["run"]["device"], norm=given.get("norm"),
+                       msc_scales=None if scales is None else tuple(scales),
+                       interp=given.get("interp"), msc_fusion=given.get("msc_fusion"),
                        trimap_widths=tuple(e["trimap"]) or None, limit=e["limit"] or None,
                        loader_workers=e["loader_workers"],
                        save_predictions=e["save_predictions"], recompute=e["recompute"],
-                       flip=e["flip"], msc_fusion=e["msc_fusion"], crf=e["crf"],
+                       flip=e["flip"], crf=e["crf"],
                        crf_params=crf_params_from_config(c),
                        crf_backend=c["backend"], crf_workers=c["workers"],
                        crf_stream=c["stream"])
@@ -212,8 +221,10 @@ def network_pass(predictor, dataset, missing, cache_dir, s: EvalSettings, progre
     return time.perf_counter() - started
 
 
-def score_pass(dataset, indices, cache_dir, out_dir, interp, s: EvalSettings, progress):
-    """(confusion matrix, trimap evaluator or None) of the cached logits."""
+def score_pass(dataset, indices, cache_dir, out_dir, predictor, s: EvalSettings, progress):
+    """(confusion matrix, trimap evaluator or None) of the cached logits; the predicted label
+    PNGs in the model's colours."""
+    interp = predictor.interp
     confusion = ConfusionMatrix(s.num_classes)
     trimap = TrimapEvaluator(s.trimap_widths, s.num_classes) if s.trimap_widths else None
     for i in tqdm(indices, desc=f"scoring ({s.split})", unit="img", disable=not progress):
@@ -229,7 +240,7 @@ def score_pass(dataset, indices, cache_dir, out_dir, interp, s: EvalSettings, pr
         if trimap is not None:
             trimap.update(pred, gt)
         if s.save_predictions:
-            save_label_png(out_dir / "pred" / f"{image_id}.png", pred)
+            save_label_png(out_dir / "pred" / f"{image_id}.png", pred, predictor.palette)
     return confusion, trimap
 
 
@@ -280,18 +291,24 @@ def scores_of(confusion, trimap, facts: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def make_predictor(checkpoint_or_model, s: EvalSettings):
-    """The Predictor (or ONNX predictor) for the settings, checked against the data set."""
+    """(the Predictor (or ONNX predictor) for the settings, checked against the data set; the
+    settings with the recipe it resolved and the data set's class count filled in)."""
     predictor = (checkpoint_or_model if isinstance(checkpoint_or_model, Predictor) else
                  load_predictor(checkpoint_or_model, device=s.device, precision=s.precision,
                                 norm=s.norm, msc_scales=s.msc_scales, interp=s.interp,
-                                flip=s.flip, msc_fusion=s.msc_fusion))
+                                flip=s.flip, msc_fusion=s.msc_fusion, mode=s.mode,
+                                pad_to=s.pad_to))
+    s = dataclasses.replace(s, mode=predictor.mode, pad_to=predictor.pad_to,
+                            num_classes=resolve_num_classes(s.dataset, s.data_root,
+                                                            s.num_classes))
     if predictor.num_classes != s.num_classes:
         raise EvaluationError(f"the model predicts {predictor.num_classes} classes but the data "
                               f"set has {s.num_classes}: score it with "
                               f"data.num_classes={predictor.num_classes}")
     if predictor.checkpoint:
         warn_if_trained_on(predictor.checkpoint, s.split)
-    return predictor
+    print(predictor.describe(), file=sys.stderr)
+    return predictor, s
 
 
 def open_split(predictor, s: EvalSettings):
@@ -348,7 +365,7 @@ def evaluate(checkpoint_or_model, settings: EvalSettings | None = None, out_dir=
             raise ValueError("out_dir is required when evaluating an in-memory model")
         out_dir = default_out_dir(checkpoint_or_model, s.split)
     out_dir, cache_dir = Path(out_dir), Path(out_dir) / "logits"
-    predictor = make_predictor(checkpoint_or_model, s)
+    predictor, s = make_predictor(checkpoint_or_model, s)
     dataset, indices = open_split(predictor, s)
     source = (str(checkpoint_or_model) if isinstance(checkpoint_or_model, (str, Path))
               else "in-memory model")
@@ -362,13 +379,14 @@ def evaluate(checkpoint_or_model, settings: EvalSettings | None = None, out_dir=
                                              norm=predictor.norm, predictor=predictor.settings()))
     stream, ran, seconds = run_network(predictor, dataset, indices, cache_dir, out_dir, s,
                                        show_progress)
-    names = dataset.class_names if hasattr(dataset, "class_names") else class_names(s.num_classes)
+    names = predictor.classes
     facts = dict(split=s.split, num_images=len(indices), checkpoint=source,
                  identity=predictor.identity, mode=s.mode, pad_to=s.pad_to,
                  msc_scales=list(predictor.msc_scales), interp=predictor.interp,
                  norm=predictor.norm, precision=predictor.precision,
+                 recipe=dict(predictor.recipe, sources=predictor.recipe_sources),
                  network_images=ran, network_seconds=round(seconds, 3), class_names=names)
-    scores = scores_of(*score_pass(dataset, indices, cache_dir, out_dir, predictor.interp, s,
+    scores = scores_of(*score_pass(dataset, indices, cache_dir, out_dir, predictor, s,
                                    show_progress), facts)
     write_json(out_dir / "scores.json", scores)
     report = [f"{s.split} ({len(indices)} images, {s.mode} protocol, {predictor.precision})",

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import FancyBboxPatch
 
-from seglab.config import DEFAULTS
+from seglab.recipe import PAPER
 from seglab.figures.style import WIDTH, save, set_style
 from seglab.models import build_model
 from seglab.models.msc import MSC
@@ -27,7 +27,7 @@ COLOURS = {"input": "#f2f2f2", "stem": "#d6e6f5", "res2": "#c4dbf0", "res3": "#b
 
 
 def measure_network(arch: dict | None = None, size: int = NETWORK_INPUT,
-                    scales=tuple(DEFAULTS["model"]["msc_scales"]), interp: str = "caffe"):
+                    scales=tuple(PAPER["msc_scales"]), interp: str = "caffe"):
     """Output shapes (C, H, W) of every stage for each MSC branch, measured with forward hooks
     during one MSC forward pass of a 1x3xsize x size input. Returns (net, rows, fused): rows
     has one {stage: shape, "branches": [shapes of the ASPP convs]} per scale (1 first)."""
@@ -94,7 +94,7 @@ def fig_network(out: Path, arch: dict | None = None, size: int | None = None) ->
     scale, left to right: the stages, the upsampling to the 1x size, the max fusion."""
     set_style()
     size = size or NETWORK_INPUT
-    scales = tuple(DEFAULTS["model"]["msc_scales"])
+    scales = tuple(PAPER["msc_scales"])
     net, rows, fused = measure_network(arch, size, scales)
     a = net.arch
     headers = stage_headers(net)

@@ -26,6 +26,7 @@ from seglab.densecrf.params import CRFParams
 from seglab.evaluation.logit_cache import LogitCacheError, cache_path, cached_ids, load_logits
 from seglab.models import build_model
 from seglab.models.resize import full_resolution_logits
+from seglab.recipe import explicit_recipe, resolve_recipe
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository
 CANDIDATES = 12                            # val images (c) and (d) choose their example from
@@ -50,14 +51,21 @@ class Run:
 
     @property
     def num_classes(self) -> int:
-        return int(self.config.get("data", {}).get("num_classes", 21))
+        return int(self.config.get("data", {}).get("num_classes") or 21)
 
     @property
     def eval_dir(self) -> Path:
         return self.path / f"eval_{self.split}"
 
     def model_setting(self, key: str):
-        return self.config["model"][key]
+        """A model.* setting of the run; a recipe key left at auto (a run written before the
+        config was resolved before saving) is resolved as training resolves it."""
+        value = self.config["model"][key]
+        if value is None or value == "auto":
+            arch = dict(self.config["model"]["arch"], name=self.config["model"]["name"],
+                        num_classes=self.config["data"]["num_classes"] or 21)
+            value = resolve_recipe(explicit_recipe(self.config), None, arch)[0][key]
+        return value
 
     def require(self, relative: str, fix: str) -> Path:
         path = self.path / relative
@@ -169,7 +177,7 @@ def load_trained_net(run: Run):
         raise FigureError(str(e)) from e
     net = build_model(ckpt["arch"])
     load_model_weights(net, ckpt, str(path))
-    return net.eval(), ckpt.get("input_norm") or "caffe"
+    return net.eval(), resolve_recipe({}, ckpt, net.arch)[0]["norm"]
 
 
 def label_of(item: dict, num_classes: int, size=None) -> np.ndarray:

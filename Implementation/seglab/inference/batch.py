@@ -6,6 +6,10 @@ brought back to full size (nearest) at the end. Memory then stays bounded whatev
 (a 6000x4000 photo at full size would need ~12 GB for DeepLab v2's ResNet-101 activations and
 2 GB of full-resolution logits); the paper's own test protocol pads VOC images (at most 500 px)
 to 513, so a cap of 1025 keeps every VOC-size image exactly as it was.
+
+Photos are read in the orientation their EXIF tag gives (as every viewer shows them), and the
+labels are written in that orientation. Label PNGs, overlays and their legend use the model's
+class names and colours (Predictor.classes / palette: the checkpoint's).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from seglab.data.images import DataError, load_image
-from seglab.data.labels import class_names, save_label_png
+from seglab.data.labels import save_label_png
 from seglab.inference.overlay import overlay
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -80,27 +84,30 @@ def softmax_probs(logits: torch.Tensor) -> np.ndarray:
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def infer(predictor, images, out_dir: Path, mode: str = "voc", pad_to: int = 513,
+def infer(predictor, images, out_dir: Path, mode: str | None = None, pad_to: int | None = None,
           crf=None, save_overlay: bool = False, save_probs: bool = False,
           show_progress: bool = True, max_side: int = 0) -> tuple[list[str], list[tuple[str, str]]]:
     """Predict every (path, name) of `images` into `out_dir`: (names written, [(path, reason)]
-    for the images that failed). `crf`: a DenseCRF or None. Probabilities (save_probs) are at the capped size."""
-    names = class_names(predictor.num_classes)
+    for the images that failed). `crf`: a DenseCRF or None. `mode` / `pad_to`: None = the
+    predictor's recipe. Probabilities (save_probs) are at the capped size."""
+    names, colors = predictor.classes, predictor.palette
     written, failed = [], []
     for path, name in tqdm(images, desc="infer", unit="img", disable=not show_progress):
         try:
-            original = load_image(path)
+            original = load_image(path, exif_orientation=True)
             image = capped(original, max_side)
             labels, logits = predictor.predict(image, mode=mode, pad_to=pad_to)
-            save_label_png(out_dir / "pred" / f"{name}.png", full_size(labels, original.shape))
+            save_label_png(out_dir / "pred" / f"{name}.png", full_size(labels, original.shape),
+                           colors)
             if crf is not None:
                 q = crf(image, logits)
                 save_label_png(out_dir / "pred_crf" / f"{name}.png",
-                               full_size(q.argmax(0).astype(np.uint8), original.shape))
+                               full_size(q.argmax(0).astype(np.uint8), original.shape), colors)
             if save_overlay:
                 target = out_dir / "overlay" / f"{name}.png"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                overlay(original, full_size(labels, original.shape), names).save(target)
+                overlay(original, full_size(labels, original.shape), names,
+                        colors=colors).save(target)
             if save_probs:
                 target = out_dir / "probs" / f"{name}.npy"
                 target.parent.mkdir(parents=True, exist_ok=True)

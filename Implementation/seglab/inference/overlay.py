@@ -4,13 +4,15 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from seglab.data.labels import voc_palette
+from seglab.data.labels import full_palette
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, names, alpha: float = 0.5) -> Image.Image:
-    """The image with every non-background pixel tinted by its class's VOC colour, and a legend
-    (colour swatch + class name) of the classes found, to the right of the image."""
-    palette = voc_palette()
+def overlay(image: np.ndarray, labels: np.ndarray, names, alpha: float = 0.5,
+            colors=None) -> Image.Image:
+    """The image with every pixel but class 0 (background) tinted by its class's colour
+    (`colors`: one RGB per class, the model's; default the VOC colour map), and a legend (colour
+    swatch + class name) of the classes found, to the right of the image."""
+    palette = full_palette(colors)
     tinted = image.astype(np.float32)
     mask = (labels != 0) & (labels != 255)
     tinted[mask] = (1 - alpha) * tinted[mask] + alpha * palette[labels[mask]].astype(np.float32)

@@ -1,7 +1,11 @@
-"""Turning a trained DeepLab v2 into a fast predictor (used by evaluate.py, infer.py and bench/).
+"""Turning a checkpoint into a fast predictor (used by evaluate.py, infer.py, export.py, bench/).
 
-    predictor = Predictor("runs/voc12/final.pth")              # MSC, VOC protocol, fp32
+    predictor = Predictor("runs/voc12/final.pth")              # its recipe: MSC, VOC protocol
     labels, logits = predictor.predict(image_rgb_uint8)        # (H, W) uint8, (C, H, W) float32
+    predictor.classes, predictor.palette                       # what the labels mean, their colours
+
+The network is run with the recipe its checkpoint states (seglab/recipe.py: scales, fusion,
+resizing, protocol, input normalisation), unless the caller gives a setting explicitly.
 
 What makes it fast, and what each step does to the numbers:
   torch.inference_mode   no autograd bookkeeping; numerics unchanged.
@@ -41,15 +45,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from seglab.checkpoint import load_checkpoint, load_model_weights, sha256
-from seglab.config import DEFAULTS
+from seglab.checkpoint import label_set, load_checkpoint, load_model_weights, sha256
 from seglab.device import bf16_supported, select_device
-from seglab.inference.rewrites import cast_conv_weights
+from seglab.models.rewrites import cast_conv_weights
 from seglab.models import architecture, build_model, unwrap
 from seglab.models.msc import MSC
 from seglab.models.resize import full_resolution_logits
-from seglab.data.labels import class_names  # noqa: F401  (re-exported)
 from seglab.data.transforms import EvalTransform
+from seglab.recipe import describe, resolve_recipe
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -73,11 +76,6 @@ def _find_msc(source):
     return None
 
 
-def _config_value(ckpt: dict, section: str, key: str):
-    cfg = ckpt.get("config") or {}
-    return (cfg.get(section) or {}).get(key, DEFAULTS[section][key])
-
-
 class FlipMax(nn.Module):
     """The model on the image and on its left-right mirror (mirrored back), fused by the same
     element-wise max as MSC: `eval.flip`, a test-time augmentation the paper does not use."""
@@ -91,44 +89,46 @@ class FlipMax(nn.Module):
 
 
 class Predictor:
-    """An MSC DeepLab v2 ready for inference.
+    """Any network behind the model seam, ready for inference with its recipe.
 
-    model_or_checkpoint: a checkpoint path, a loaded checkpoint dict, or a model (DeepLabV2, MSC,
-    or DDP-wrapped; it is copied, never modified). From a checkpoint the network comes from its
-    `arch`, the input normalisation from `input_norm` (default "caffe"), and the MSC scales and
-    resize convention from its training `config` if it has one, else config.DEFAULTS (the paper:
-    scales 1, 0.75, 0.5; Caffe Interp). Explicit `msc_scales` / `interp` / `norm` override these;
-    `msc_scales=()` gives single-scale inference.
+    model_or_checkpoint: a checkpoint path, a loaded checkpoint dict, or a model (bare, MSC, or
+    DDP-wrapped; it is copied, never modified). The network comes from the checkpoint's `arch`;
+    the recipe (msc_scales, msc_fusion, interp, mode, pad_to, norm) is resolved by
+    seglab/recipe.py: the arguments given here (not None), then the checkpoint's recipe, then the
+    architecture's (DeepLab v2: MSC 0.75, 0.5 max-fused), then DeepLab v2's. A model passed in
+    keeps the scales, fusion and resizing of its MSC wrapper. `msc_scales=()` gives single-scale
+    inference.
 
     Attributes: model (the ready network), device, precision (what actually runs: "bf16" falls
-    back to "fp32" with a warning where bf16 is not supported), norm, interp, msc_scales,
-    num_classes, checkpoint (the checkpoint's fields except the weights/optimizer, or None),
-    identity (sha256 of the checkpoint file, or of the weights).
-    A model passed in keeps its own MSC scales and resize convention; a bare DeepLabV2 gets the
-    paper's MSC (config.DEFAULTS).
+    back to "fp32" with a warning where bf16 is not supported), recipe and recipe_sources (each
+    setting and where it came from; also as norm, interp, msc_scales, msc_fusion, mode, pad_to),
+    num_classes, classes and palette (names and RGB colours of the classes, from the checkpoint;
+    VOC's where it states none), checkpoint (the checkpoint's fields except the weights and
+    optimizer, or None), identity (sha256 of the checkpoint file, or of the weights).
     """
 
     def __init__(self, model_or_checkpoint, device="auto", precision: str = "fp32",
                  fold_bn: bool = True, channels_last: bool = True, shifted_aspp: bool = True,
                  msc_scales=None, interp=None, norm=None, flip: bool = False,
-                 msc_fusion: str = "max"):
+                 msc_fusion=None, mode=None, pad_to=None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.checkpoint, self.identity, net = self._load(model_or_checkpoint)
+        explicit = {k: v for k, v in dict(msc_scales=msc_scales, interp=interp, norm=norm,
+                                          msc_fusion=msc_fusion, mode=mode,
+                                          pad_to=pad_to).items() if v is not None}
         msc = _find_msc(model_or_checkpoint)
-        if msc_scales is None:
-            msc_scales = (msc.scales if msc is not None else
-                          _config_value(self.checkpoint or {}, "model", "msc_scales"))
-        if interp is None:
-            interp = (msc.interp if msc is not None else
-                      _config_value(self.checkpoint or {}, "model", "interp"))
-        if norm is None:
-            ckpt = self.checkpoint or {}
-            norm = (ckpt.get("input_norm") or (ckpt.get("config") or {}).get("data", {}).get("norm")
-                    or architecture(net.arch).input_norm)
-        self.msc_scales, self.interp, self.norm = tuple(msc_scales), interp, norm
+        if msc is not None:  # a model passed in runs as it is wrapped
+            for key, value in (("msc_scales", msc.scales), ("interp", msc.interp),
+                               ("msc_fusion", msc.fusion)):
+                explicit.setdefault(key, value)
+        self.recipe, self.recipe_sources = resolve_recipe(explicit, self.checkpoint, net.arch)
+        r = self.recipe
+        self.msc_scales, self.interp, self.norm = tuple(r["msc_scales"]), r["interp"], r["norm"]
+        self.mode, self.pad_to, msc_fusion = r["mode"], r["pad_to"], r["msc_fusion"]
         self.num_classes = net.arch["num_classes"]
+        self.classes, self.palette = label_set(self.checkpoint, self.num_classes)
         self.output_stride = architecture(net.arch).output_stride(net.arch)
         self.fold_bn, self.channels_last = fold_bn, channels_last
         self.shifted_aspp = shifted_aspp
@@ -137,7 +137,7 @@ class Predictor:
         if spec.prepare_inference is not None:
             net = spec.prepare_inference(net, fold_bn=fold_bn, shifted_aspp=shifted_aspp)
         self.msc_fusion = msc_fusion
-        model = MSC(net, self.msc_scales, interp, msc_fusion) if self.msc_scales else net
+        model = MSC(net, self.msc_scales, self.interp, msc_fusion) if self.msc_scales else net
         self.flip = bool(flip)
         if self.flip:
             model = FlipMax(model)
@@ -173,6 +173,10 @@ class Predictor:
         facts = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}
         return facts, identity, net
 
+    def describe(self) -> str:
+        """The recipe in one line, with where each setting came from."""
+        return describe(self.recipe, self.recipe_sources)
+
     def settings(self) -> dict:
         """Everything that shapes the logits, e.g. for a logit cache's identity."""
         return dict(identity=self.identity, msc_scales=list(self.msc_scales), interp=self.interp,
@@ -197,17 +201,33 @@ class Predictor:
         y = y.float().cpu().contiguous()
         return y if batched else y[0]
 
-    def transform(self, mode: str = "voc", pad_to: int = 513):
+    def transform(self, mode: str | None = None, pad_to: int | None = None):
+        mode, pad_to = mode or self.mode, pad_to or self.pad_to
         key = (mode, pad_to)
         if key not in self._transforms:
             self._transforms[key] = EvalTransform(mode=mode, pad_to=pad_to, norm=self.norm,
                                                   stride=self.output_stride)
         return self._transforms[key]
 
-    def predict(self, image_rgb: np.ndarray, mode: str = "voc", pad_to: int = 513):
-        """Labels and full-resolution logits for one RGB uint8 image (H, W, 3):
-        `mode="voc"` pads bottom/right to `pad_to` (the VOC protocol), "full" feeds the image as
-        is. Returns (labels (H, W) uint8 numpy array, logits FloatTensor (C, H, W))."""
+    def refine(self, image_rgb: np.ndarray, logits, params=None,
+               backend: str = "pydensecrf") -> np.ndarray:
+        """The dense CRF's labels (H, W) uint8 for an image and the full-resolution logits
+        `predict` returned; `params` a CRFParams (default: the paper's) or a parameter JSON
+        (crf.py search / learn), `backend` as crf.backend (the torch ones run on this device)."""
+        from seglab.densecrf.dense_crf import DenseCRF
+        from seglab.densecrf.params import CRFParams, is_torch_backend
+        if params is not None and not isinstance(params, CRFParams):
+            params = CRFParams.from_json(params)
+        device = str(self.device) if is_torch_backend(backend) else "cpu"
+        image = np.array(image_rgb, dtype=np.uint8, order="C")  # writable (pydensecrf needs it)
+        q = DenseCRF(params, backend=backend, device=device)(image, logits)
+        return q.argmax(0).astype(np.uint8)
+
+    def predict(self, image_rgb: np.ndarray, mode: str | None = None, pad_to: int | None = None):
+        """Labels and full-resolution logits for one RGB uint8 image (H, W, 3), with the
+        recipe's protocol unless given: `mode="voc"` pads bottom/right to `pad_to`, "full" feeds
+        the image as is (seglab/data/protocols.py has the others). Returns (labels (H, W) uint8
+        numpy array, logits FloatTensor (C, H, W))."""
         x, size = self.transform(mode, pad_to)(image_rgb)
         full = full_resolution_logits(self.logits(x), tuple(x.shape[-2:]), tuple(size),
                                       interp=self.interp)

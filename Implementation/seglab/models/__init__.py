@@ -14,6 +14,7 @@ from seglab.models import deeplabv2
 from seglab.models import deeplabv3_mnv2_tf
 from seglab.models import torchvision_seg as tv, vainf
 from seglab.models import duc_hdc, fcn, gcn, pspnet, segnet, unet
+from seglab.models.class_groups import attach, check_groups
 from seglab.models.msc import MSC
 from seglab.models.spec import Architecture
 
@@ -69,19 +70,31 @@ def architecture(arch: dict | str | None) -> Architecture:
 
 def normalize_arch(arch: dict | None) -> dict:
     """name + every option with its default filled in, so two descriptions of one network
-    compare equal (a checkpoint's, a config's)."""
+    compare equal (a checkpoint's, a config's); `class_groups` (class_groups.py), where given,
+    is kept after them."""
     arch = dict(arch or {})
     spec = architecture(arch)
     arch.pop("name", None)
-    return spec.arch(**arch)
+    groups = arch.pop("class_groups", None)
+    out = spec.arch(**arch)
+    if groups is not None:
+        out["class_groups"] = check_groups(groups, out["num_classes"])
+    return out
 
 
 def build_model(arch: dict | None = None) -> nn.Module:
     """The bare network of an arch dict (the one stored in every checkpoint); `net.arch` holds
-    the normalised dict. Wrap it in `MSC` for multi-scale inputs."""
+    the normalised dict. Wrap it in `MSC` for multi-scale inputs. With `class_groups` the
+    network has one classifier row per group member and merges them (class_groups.py)."""
     arch = normalize_arch(arch)
     spec = architecture(arch)
-    net = spec.build(**{k: v for k, v in arch.items() if k != "name"})
+    options = {k: v for k, v in arch.items() if k not in ("name", "class_groups")}
+    groups = arch.get("class_groups")
+    if groups:
+        options["num_classes"] = sum(groups)
+    net = spec.build(**options)
+    if groups:
+        attach(net, groups)
     net.arch = arch
     return net
 

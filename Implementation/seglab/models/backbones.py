@@ -98,12 +98,6 @@ def set_dilations(layer: nn.Sequential, rates: Sequence[int]) -> None:
             block.downsample[0].stride = (1, 1)
 
 
-def block_dilations(layer: nn.Sequential) -> list[int]:
-    """The dilation of each block's 3x3 convolution (Bottleneck conv2, BasicBlock conv1)."""
-    return [(b.conv2 if isinstance(b, tv_resnet.Bottleneck) else b.conv1).dilation[0]
-            for b in layer]
-
-
 def resnet_stem(net: tv_resnet.ResNet, x):
     """conv1, bn1, relu, maxpool: stride 4."""
     return net.maxpool(net.relu(net.bn1(net.conv1(x))))

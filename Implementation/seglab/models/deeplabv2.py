@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from seglab.inference.rewrites import (fold_frozen_bn, use_inplace_activations,
+from seglab.models.rewrites import (fold_frozen_bn, use_inplace_activations,
                                        use_shifted_aspp)
 from seglab.models.resnet import ResNet
 from seglab.models.spec import Architecture
@@ -88,7 +88,7 @@ def output_stride(arch: dict) -> int:
 
 
 def prepare_inference(net: DeepLabV2, fold_bn: bool = True, shifted_aspp: bool = True):
-    """The exact inference rewrites (seglab/inference/rewrites.py): frozen BN folded into the
+    """The exact inference rewrites (seglab/models/rewrites.py): frozen BN folded into the
     convolutions, in-place activations, and the ASPP as one 1x1 conv plus shifted sums."""
     net = fold_frozen_bn(net, inplace=True) if fold_bn else net.eval()
     net = use_inplace_activations(net.requires_grad_(False))
@@ -105,5 +105,5 @@ ARCHITECTURE = Architecture(
     train_outputs="msc",
     loss_weights=(1.0, 1.0, 1.0, 1.0),
     prepare_inference=prepare_inference,
-    owns_state_dict=lambda sd: any(k.startswith("aspp.c0.") for k in sd),
+    recipe={"msc_scales": (0.75, 0.5)},   # MSC 1, 0.75, 0.5 max-fused (Sec. 3.3; test prototxt)
 )

@@ -201,5 +201,4 @@ ARCHITECTURE = Architecture(
     output_stride=lambda arch: int(arch.get("output_stride", 16)),
     param_groups=param_groups,
     train_outputs="msc",
-    owns_state_dict=lambda sd: any(k.startswith("head.aspp0.") for k in sd),
 )

@@ -86,4 +86,4 @@ ARCHITECTURE = Architecture(
             "(Wang et al. 2018)",
     input_norm="imagenet", output_stride=lambda arch: 1,
     param_groups=simple_param_groups,  # release: no lr_mult
-    train_outputs="msc", loss_weights=(1.0,))
+    train_outputs="msc")

@@ -266,8 +266,7 @@ def _architecture(stride: int, backbone: str) -> Architecture:
         name=f"fcn{stride}s_{backbone}", build=build,
         summary=f"FCN-{stride}s, {backbone} backbone, {where} (Long et al. 2015)",
         input_norm="caffe" if backbone == "vgg16" else "imagenet",
-        output_stride=lambda arch: 1, param_groups=caffe_param_groups, train_outputs="msc",
-        loss_weights=(1.0,))
+        output_stride=lambda arch: 1, param_groups=caffe_param_groups, train_outputs="msc")
 
 
 FCN32S_VGG16 = _architecture(32, "vgg16")

@@ -113,4 +113,4 @@ ARCHITECTURE = Architecture(
             "(Peng et al. 2017)",
     input_norm="imagenet", output_stride=lambda arch: 1,
     param_groups=simple_param_groups,
-    train_outputs="msc", loss_weights=(1.0,))
+    train_outputs="msc")

@@ -77,4 +77,4 @@ ARCHITECTURE = Architecture(
             "(Badrinarayanan et al. 2017)",
     input_norm="imagenet", output_stride=lambda arch: 1,
     param_groups=simple_param_groups,
-    train_outputs="msc", loss_weights=(1.0,))
+    train_outputs="msc")

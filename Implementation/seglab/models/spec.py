@@ -20,9 +20,12 @@ Fields:
   loss_weights    the weight of each training output: MSC's are all 1; "aux" gives (main, aux)
   prepare_inference  optional (net, options) -> net: exact speed rewrites for inference
                   (BN folding, in-place activations, the shifted ASPP); the default is net.eval()
-  owns_state_dict optional (state_dict) -> bool: whether foreign weights are of this form
   training_options  options that shape no tensor (lr multipliers, BN momentum, output stride):
                   a checkpoint made with other values still fits the network
+  recipe          the architecture's own inference and training recipe, where it differs from
+                  DeepLab v2's (seglab/recipe.py: msc_scales, msc_fusion, interp, mode, pad_to):
+                  single scale unless it says otherwise; DeepLab v2 declares its MSC (0.75, 0.5).
+                  A checkpoint's own recipe and the command line come before it.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
-INPUT_NORMS = ("caffe", "imagenet", "tf")
+from seglab.data.transforms import NORMS as INPUT_NORMS  # the one list of normalisations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +49,17 @@ class Architecture:
     train_outputs: str = "msc"
     loss_weights: tuple = (1.0,)
     prepare_inference: Optional[Callable] = None
-    owns_state_dict: Optional[Callable[[dict], bool]] = None
     training_options: tuple = ()
+    recipe: dict = dataclasses.field(default_factory=lambda: {"msc_scales": ()})
 
     def __post_init__(self):
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"{self.name}: input_norm must be one of {INPUT_NORMS}")
         if self.train_outputs not in ("msc", "aux"):
             raise ValueError(f"{self.name}: train_outputs must be 'msc' or 'aux'")
+        unknown = set(self.recipe) - {"msc_scales", "msc_fusion", "interp", "mode", "pad_to"}
+        if unknown:
+            raise ValueError(f"{self.name}: unknown recipe keys {sorted(unknown)}")
 
     def defaults(self) -> dict:
         """The keyword arguments of `build` with their defaults (the published form)."""

@@ -151,14 +151,7 @@ def _architecture(name: str) -> Architecture:
         train_outputs="aux" if aux else "msc",
         loss_weights=(1.0, 0.5) if aux else (1.0,),  # the reference's; train.aux_weight rules
         prepare_inference=fold_batchnorm,
-        owns_state_dict=functools.partial(owns_state_dict, name),
         training_options=("aux_lr_mult",))
-
-
-def owns_state_dict(name: str, state_dict: dict) -> bool:
-    """Whether a state_dict is torchvision's `name` form (keys as torchvision writes them)."""
-    from seglab.weights.torchvision_seg import identify  # the key rules live with the converter
-    return identify(state_dict) == name
 
 
 ARCHITECTURES = {name: _architecture(name) for name in FORMS}

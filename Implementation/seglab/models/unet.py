@@ -139,4 +139,4 @@ ARCHITECTURE = Architecture(
     summary="U-Net: valid convolutions, overlap-tile mirror padding (Ronneberger et al. 2015)",
     input_norm="imagenet", output_stride=lambda arch: 1,
     param_groups=simple_param_groups,
-    train_outputs="msc", loss_weights=(1.0,))
+    train_outputs="msc")

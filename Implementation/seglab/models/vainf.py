@@ -269,16 +269,9 @@ def _architecture(form: str, backbone: str) -> Architecture:
                 f"(OS 16 or 8{', decoder at 1/4' if plus else ''})",
         input_norm="imagenet",
         output_stride=(lambda arch: 4) if plus else (lambda arch: int(arch["output_stride"])),
-        param_groups=param_groups, train_outputs="msc", loss_weights=(1.0,),
+        param_groups=param_groups, train_outputs="msc",
         prepare_inference=fold_batchnorm,
-        owns_state_dict=functools.partial(owns_state_dict, name),
         training_options=("backbone_lr_mult", "bn_momentum", "output_stride"))
-
-
-def owns_state_dict(name: str, state_dict: dict) -> bool:
-    """Whether a state_dict (VainF's `model_state`) is the `name` form."""
-    from seglab.weights.vainf import identify  # the key rules live with the converter
-    return identify(state_dict) == name
 
 
 ARCHITECTURES = {spec.name: spec for spec in (

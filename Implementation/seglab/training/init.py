@@ -20,12 +20,42 @@ from pathlib import Path
 import torch
 
 from seglab.checkpoint import CheckpointError, check_arch, load_checkpoint
+from seglab.data.labels import VOC_CLASSES
 from seglab.models import architecture, build_model
+from seglab.training.class_map import (class_groups_of, class_mapping, describe_mapping,
+                                       grouped_rows, map_rows, old_scores, parse_class_map,
+                                       union_weights)
 from seglab.weights.torchvision_imagenet import load_torchvision_state, torchvision_to_ours
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, inconsistent batch settings, bad init)."""
+
+
+def init_checkpoint(cfg: dict) -> dict | None:
+    """The checkpoint train.init names (its facts; the weights are read again by load_init), or
+    None for scratch / imagenet / a file that does not exist (load_init reports it)."""
+    init = str(cfg["train"]["init"])
+    if init == "scratch" or init.startswith("imagenet") or not Path(init).is_file():
+        return None
+    ckpt = load_checkpoint(init)
+    return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}
+
+
+def adopt_architecture(cfg: dict, ckpt: dict | None, given: set) -> str | None:
+    """Build the init checkpoint's architecture (name and options, every option but the class
+    count) when the command line and preset name none; options they give explicitly
+    (model.arch.KEY) are kept, and a conflict with the checkpoint is reported by load_init.
+    Returns a note saying what was taken, or None."""
+    if ckpt is None or "model.name" in given:
+        return None
+    arch = {k: v for k, v in dict(ckpt.get("arch") or {}).items() if k != "num_classes"}
+    name = arch.pop("name", None) or "deeplabv2"
+    explicit = {k.split(".", 2)[2] for k in given if k.startswith("model.arch.")}
+    cfg["model"]["name"] = name
+    cfg["model"]["arch"] = {**arch, **{k: v for k, v in cfg["model"]["arch"].items()
+                                      if k in explicit}}
+    return f"architecture {name} taken from the init checkpoint {cfg['train']['init']}"
 
 
 def prepare_init(cfg: dict) -> None:
@@ -59,6 +89,11 @@ def _fill(net, state: dict, where) -> None:
 def class_dependent(arch: dict) -> set[str]:
     """The state_dict keys of `arch` whose shapes change with num_classes: its classifier.
     Built twice on the meta device (no memory, no init cost); on CPU if a build needs data."""
+    arch = dict(arch)
+    groups = arch.pop("class_groups", None)      # rows, not classes, set the shapes
+    if groups:
+        arch["num_classes"] = sum(groups)
+
     def shapes(num_classes: int) -> dict:
         spec = dict(arch, num_classes=num_classes)
         try:
@@ -77,8 +112,8 @@ def fill_across_classes(net, ckpt: dict, where) -> tuple[int, list[str]]:
     "name (checkpoint shape -> our shape)")."""
     ours = net.arch
     try:  # every option but the class count must match
-        check_arch(dict(ckpt, arch=dict(ckpt["arch"], num_classes=ours["num_classes"])), ours,
-                   where)
+        check_arch(dict(ckpt, arch=dict(ckpt["arch"], num_classes=ours["num_classes"],
+                                         class_groups=ours.get("class_groups"))), ours, where)
     except CheckpointError as e:
         raise TrainingError(str(e)) from None
     state, target = ckpt["model"], net.state_dict()
@@ -101,9 +136,78 @@ def fill_across_classes(net, ckpt: dict, where) -> tuple[int, list[str]]:
                        f"{tuple(target[k].shape)})" for k in left]
 
 
-def load_init(net, cfg: dict) -> str:
+def stated_classes(ckpt: dict) -> list[str] | None:
+    """The class names a checkpoint's head was trained on: the ones it states, VOC's for a
+    21-class checkpoint from before names were recorded, else None (unknown)."""
+    if ckpt.get("classes"):
+        return list(ckpt["classes"])
+    if (ckpt.get("arch") or {}).get("num_classes") == len(VOC_CLASSES) and \
+            "recipe" not in ckpt and "dataset" not in ckpt:
+        return list(VOC_CLASSES)
+    return None
+
+
+def map_classes(net, ckpt: dict, fresh: dict, cfg: dict, dataset) -> str | None:
+    """Class-mapped initialisation (class_map.py) of the classifier rows of `net`, from the
+    init checkpoint's rows; `fresh` holds the classifier as the architecture initialised it.
+    Returns the log line listing the mapping, or None when there is nothing to map."""
+    t = cfg["train"]
+    new_names = list(getattr(dataset, "class_names", None) or [])
+    old_names = stated_classes(ckpt)
+    explicit = parse_class_map(t["init_classes"])
+    if not new_names or old_names is None or (new_names == old_names and not explicit):
+        if explicit:
+            raise TrainingError(f"train.init_classes is set but {t['init']} states no class "
+                                "names to map from")
+        return None
+    try:
+        mapping = class_mapping(new_names, old_names, explicit)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    keys = [k for k in fresh if k in ckpt["model"]
+            and ckpt["model"][k].shape[0] == len(old_names)]
+    groups = net.arch.get("class_groups")
+    if groups:   # the exact head: one row per member (class_groups.py), each a copy
+        rows, weights = grouped_rows(mapping, groups)
+        net.load_state_dict(map_rows(fresh, ckpt["model"], keys, rows, weights), strict=False)
+        return describe_mapping(mapping, new_names, old_names, "exact")
+    scores = None
+    if t["init_union"] != "mean" and any(len(m) > 1 for m in mapping.values()):
+        old_net = build_model(ckpt["arch"])   # the old network on up to 20 training crops
+        old_net.load_state_dict(ckpt["model"])
+        scores = old_scores(old_net, [dataset[(i, i)]["image"]
+                                      for i in range(min(len(dataset), 20))])
+    weights = union_weights(mapping, t["init_union"], scores)
+    net.load_state_dict(map_rows(fresh, ckpt["model"], keys, mapping, weights), strict=False)
+    return describe_mapping(mapping, new_names, old_names, t["init_union"], weights)
+
+
+def plan_class_groups(cfg: dict, dataset) -> str | None:
+    """train.init_union=exact: where a class of the data set unites several classes of the
+    init checkpoint, give the network one classifier row per member (model.arch.class_groups,
+    seglab/models/class_groups.py), before it is built. Returns a note, or None."""
+    t = cfg["train"]
+    ckpt = init_checkpoint(cfg)
+    if t["init_union"] != "exact" or ckpt is None or stated_classes(ckpt) is None:
+        return None
+    try:
+        mapping = class_mapping(list(dataset.class_names), stated_classes(ckpt),
+                                parse_class_map(t["init_classes"]))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    groups = class_groups_of(mapping, len(dataset.class_names))
+    if max(groups) == 1:
+        return None
+    cfg["model"]["arch"]["class_groups"] = groups
+    return (f"class groups {groups}: a class that unites k old classes keeps k classifier "
+            "rows, merged by log-sum-exp (exact: its probability is the sum of theirs)")
+
+
+def load_init(net, cfg: dict, dataset=None) -> str:
     """Fill the network from train.init: scratch | imagenet[=FILE] | a checkpoint of ours.
-    Returns a line saying what was loaded (and which tensors were re-initialised)."""
+    With a checkpoint and the training `dataset`, the new classifier rows start from the old
+    ones where class names match or train.init_classes maps them (class_map.py). Returns a line
+    saying what was loaded (which tensors were re-initialised, which classes mapped)."""
     init = str(cfg["train"]["init"])
     if init == "scratch":
         return "scratch (PyTorch default init; DeepLab v2's ASPP N(0, 0.01))"
@@ -122,11 +226,16 @@ def load_init(net, cfg: dict) -> str:
             "init.caffemodel (see README) and run `python Implementation/convert.py caffe "
             f"init.caffemodel {path}`, or pass --init imagenet / --init scratch.")
     ckpt = load_checkpoint(path)
+    head = class_dependent(net.arch)
+    fresh = {k: v.clone() for k, v in net.state_dict().items() if k in head}
     loaded, reinit = fill_across_classes(net, ckpt, path)
+    mapped = map_classes(net, ckpt, fresh, cfg, dataset) if dataset is not None else None
     theirs = (ckpt.get("arch") or {}).get("num_classes")
     line = f"{path} (trained on {ckpt.get('trained_on')}"
     line += f", {theirs} classes -> {net.arch['num_classes']})" if theirs != net.arch[
         "num_classes"] else ")"
+    if mapped:
+        line += f"\n{mapped}"
     if not reinit:
         return line + "; every tensor loaded"
     return (line + f"; loaded {loaded} tensors, re-initialised {len(reinit)} (the "

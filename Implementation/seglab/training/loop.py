@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from seglab.checkpoint import check_arch
+from seglab.checkpoint import check_arch, label_facts
+from seglab.config import arch_from_config
 from seglab.data.images import DataError
 from seglab.data.loaders import train_loader
 from seglab.device import bf16_supported, select_device
@@ -33,6 +34,7 @@ from seglab.training.init import TrainingError, load_init
 from seglab.training.loss import loss_names, loss_weights, training_loss
 from seglab.training.schedule import set_poly_lr
 from seglab.training.state import FINAL, save_training_checkpoint, set_rng_state
+from seglab.training.watch import Watch
 
 
 def accumulation_steps(cfg: dict, world: int) -> int:
@@ -43,17 +45,6 @@ def accumulation_steps(cfg: dict, world: int) -> int:
                             f"batch_per_step {t['batch_per_step']} x {world} process(es); "
                             "change train.batch_per_step")
     return t["effective_batch"] // per_pass
-
-
-def arch_from_config(cfg: dict) -> dict:
-    m = cfg["model"]
-    return dict(m["arch"], name=m["name"], num_classes=cfg["data"]["num_classes"])
-
-
-def input_norm(cfg: dict) -> str:
-    """data.norm, or the architecture's own normalisation for 'auto'."""
-    norm = cfg["data"]["norm"]
-    return architecture(cfg["model"]["name"]).input_norm if norm == "auto" else norm
 
 
 class CSVLog:
@@ -106,11 +97,11 @@ class Interrupted(Exception):
         self.signal_name, self.iteration, self.path = signal_name, iteration, path
 
 
-def build_training_model(cfg: dict, device, resume: dict | None):
+def build_training_model(cfg: dict, device, resume: dict | None, dataset=None):
     """(model to train, bare network, optimizer, first iteration, init note)."""
     t = cfg["train"]
     net = build_model(arch_from_config(cfg))
-    init_note = "resumed" if resume else load_init(net, cfg)
+    init_note = "resumed" if resume else load_init(net, cfg, dataset)
     spec = architecture(net.arch)
     scales = cfg["model"]["msc_scales"] if spec.train_outputs == "msc" else []
     model = (MSC(net, scales, cfg["model"]["interp"]) if scales else net).to(device)
@@ -128,7 +119,7 @@ def build_training_model(cfg: dict, device, resume: dict | None):
     return model, net, optimizer, start, init_note
 
 
-def prepare(cfg: dict, device, resume: dict | None, world: int):
+def prepare(cfg: dict, device, resume: dict | None, world: int, dataset=None):
     """(model in train mode, DDP-wrapped when distributed; bare network, with `init_note`;
     optimizer; first iteration), seeded and checked."""
     t = cfg["train"]
@@ -138,7 +129,8 @@ def prepare(cfg: dict, device, resume: dict | None, world: int):
     if t["deterministic"]:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(t["seed"])
-    model, net, optimizer, start, net.init_note = build_training_model(cfg, device, resume)
+    model, net, optimizer, start, net.init_note = build_training_model(cfg, device, resume,
+                                                                        dataset)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -154,16 +146,19 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
     device = select_device(cfg["run"]["device"], local_rank)
     t = cfg["train"]
     accum = accumulation_steps(cfg, world)
-    model, net, optimizer, start = prepare(cfg, device, resume, world)
+    model, net, optimizer, start = prepare(cfg, device, resume, world, dataset)
     spec = architecture(net.arch)
     batches = train_loader(dataset, t["batch_per_step"], t["seed"],
                            start=start * t["effective_batch"], num_workers=cfg["data"]["workers"],
                            rank=rank, world_size=world)
-    names = loss_names(spec, cfg["model"]["msc_scales"])
-    log = None
+    names = loss_names(spec, cfg["model"]["msc_scales"]) + (
+        ["crf"] if cfg["model"].get("crf_layer") else [])
+    log = watch = None
     if rank == 0:
+        watch = Watch(cfg, run_dir, start, device)   # TensorBoard, periodic validation
         log = CSVLog(run_dir / "log.csv", ["iteration", "lr", "loss"] +
-                     [f"loss_{n}" for n in names] + ["images_per_s", "seconds"], start)
+                     [f"loss_{n}" for n in names] + ["images_per_s", "seconds"] +
+                     (["val_miou"] if watch.validates else []), start)
         print(f"run folder: {run_dir}\ninit: {net.init_note}\ntraining {net.arch['name']} on "
               f"{len(dataset)} images ({cfg['data']['train_split']}), {world} process(es) x "
               f"batch {t['batch_per_step']} x {accum} accumulation = effective batch "
@@ -172,8 +167,10 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
     bar = tqdm(total=t["iterations"], initial=start, disable=(rank != 0 or not show_progress),
                desc="train", dynamic_ncols=True)
     it, t0 = start, time.time()
+    labels = label_facts(cfg["data"]["dataset"], dataset.class_names,
+                         dataset.palette[:len(dataset.class_names)])
     save = lambda final=False: save_training_checkpoint(  # noqa: E731
-        run_dir, model, optimizer, it, cfg, final=final) if rank == 0 else None
+        run_dir, model, optimizer, it, cfg, final=final, labels=labels) if rank == 0 else None
     with StopRequest() as stop:
         try:
             while it < t["iterations"]:
@@ -189,6 +186,7 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
                     row = {"iteration": it, "lr": lr, "loss": loss,
                            "images_per_s": round(ips, 3), "seconds": round(time.time() - t0, 3)}
                     row.update({f"loss_{n}": float(v) for n, v in zip(names, parts)})
+                    watch.iteration(it, row, names, optimizer, model)
                     log.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
                     bar.update(1)
@@ -203,6 +201,8 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
                             f"`python Implementation/train.py --resume {run_dir}`.") from None
         finally:
             bar.close()
+            if watch is not None:
+                watch.close()
     return run_dir / "checkpoints" / FINAL
 
 
@@ -214,6 +214,27 @@ def clean_worker_error(e: Exception) -> str:
     if "Original Traceback" in text and marker in text:
         return text.rsplit(marker, 1)[1].strip()
     return text
+
+
+def crf_loss(cfg: dict, loss, device):
+    """model.crf_layer: (outputs, label, normalised image) -> the default loss plus the
+    cross-entropy of the dense CRF's marginals (loss.crf_training_loss), its parts plus the
+    CRF's. The CRF's parameters come from the crf section (e.g. crf.params = a `crf.py learn`
+    result) and stay fixed; the raw image is the batch's, denormalised (data.norm)."""
+    from seglab.data.transforms import NORMS
+    from seglab.densecrf.layer import DenseCRFLayer, denormalize
+    from seglab.densecrf.params import crf_params_from_config
+    from seglab.training.loss import crf_training_loss
+    layer = DenseCRFLayer(crf_params_from_config(cfg["crf"]), learn_weights=False).to(device)
+    norm = cfg["data"]["norm"]
+    if norm not in NORMS:
+        norm = architecture(cfg["model"]["name"]).input_norm
+
+    def total(outputs, label, image):
+        value, parts = loss(outputs, label)
+        crf = crf_training_loss(outputs, label, denormalize(image, norm), layer)
+        return value + crf, list(parts) + [crf]
+    return total
 
 
 class Step:
@@ -228,11 +249,14 @@ class Step:
         self.channels_last = t["channels_last"] and device.type == "cuda"
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
             if t["precision"] == "bf16" else contextlib.nullcontext
-        weights = loss_weights(spec, names, t["aux_weight"])
+        crf = cfg["model"].get("crf_layer")
+        network = loss_weights(spec, names[:-1] if crf else names, t["aux_weight"])
+        weights = network + ([1.0] if crf else [])
         self.loss = lambda outputs, y: training_loss(  # noqa: E731
-            outputs, y, spec, t["loss_targets"], cfg["model"]["interp"], weights[-1])
+            outputs, y, spec, t["loss_targets"], cfg["model"]["interp"], network)
         self.names = names
         self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.crf = crf_loss(cfg, self.loss, device) if crf else None
 
     def __call__(self, micro_batches, it: int, run_dir: Path) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -247,7 +271,8 @@ class Step:
             with sync:
                 with self.autocast():
                     outputs = self.model(x)
-                total, parts = self.loss(outputs, y)
+                total, parts = self.loss(outputs, y) if self.crf is None else self.crf(
+                    outputs, y, x)
                 (total / self.accum).backward()
             parts_sum += torch.tensor([p.item() for p in parts], dtype=torch.float64) / self.accum
         if self.world > 1:

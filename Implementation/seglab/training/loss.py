@@ -44,16 +44,19 @@ def loss_weights(spec: Architecture, names, aux_weight=None) -> list[float]:
 
 
 def training_loss(outputs, label: torch.Tensor, spec: Architecture, targets: str = "caffe",
-                  interp: str = "caffe", aux_weight: float = 0.4):
-    """(total, [loss of each output]) for what the architecture returns in training."""
+                  interp: str = "caffe", weights=None):
+    """(total, [loss of each output]) for what the architecture returns in training; total =
+    sum of weight x loss with `weights` (loss_weights: one per output; default the
+    architecture's), the same sum the training log reports."""
     if spec.train_outputs == "msc":
         return msc_loss(outputs if isinstance(outputs, (list, tuple)) else [outputs], label,
                         targets, interp)
+    w_out, w_aux = weights if weights is not None else spec.loss_weights[:2]
     size = tuple(label.shape[-2:])
     parts = [cross_entropy_per_image(F.interpolate(outputs[k].float(), size=size,
                                                    mode="bilinear", align_corners=False), label)
              for k in ("out", "aux")]
-    return parts[0] + aux_weight * parts[1], parts
+    return w_out * parts[0] + w_aux * parts[1], parts
 
 
 def branch_names(scales) -> list[str]:
@@ -114,3 +117,17 @@ def msc_loss(outputs, label: torch.Tensor, targets: str = "caffe", interp: str =
             raise ValueError(f"loss targets must be 'caffe' or 'nearest', got {targets!r}")
         losses.append(cross_entropy_per_image(lg, tg))
     return sum(losses), losses
+
+
+def crf_training_loss(outputs, label: torch.Tensor, image: torch.Tensor, crf_layer) -> torch.Tensor:
+    """model.crf_layer (CRF-as-RNN training): the cross-entropy of the dense CRF's mean-field
+    marginals on the network's final output (MSC: the fused one; aux: "out"), upsampled inside
+    the layer to the label size, against the full-resolution label (255 ignored). `image`
+    (B, H, W, 3) raw RGB: the batch's normalised crop put back (densecrf.layer.denormalize)."""
+    if isinstance(outputs, dict):
+        final = outputs["out"]
+    elif isinstance(outputs, (list, tuple)):
+        final = outputs[-1]
+    else:
+        final = outputs
+    return cross_entropy_per_image(crf_layer(final.float(), image), label)

@@ -1,7 +1,9 @@
 """The run folder: created once, never overwritten by accident, written by one process at a time.
 
-A folder that already holds a run (config.yaml, log.csv or checkpoints/) is refused unless the
-command says --resume (continue it) or --force (start over in it). A lock (`.lock`, an flock
+A folder that already holds a run (a checkpoint, or a log of at least one iteration) is refused
+unless the command says --resume (continue it) or --force (start over in it). A start that was
+refused or crashed before its first iteration leaves only config.yaml (and a log without rows):
+nothing to protect, so the folder is taken again as it is. A lock (`.lock`, an flock
 the kernel drops when its process dies, kill -9 included) refuses a second writer while the
 first is alive. Temp files left by a process killed while writing a checkpoint are removed.
 """
@@ -12,7 +14,20 @@ import os
 import time
 from pathlib import Path
 
-RUN_FILES = ("config.yaml", "log.csv", "checkpoints")
+
+
+def run_evidence(run_dir: Path) -> list[str]:
+    """What in `run_dir` shows that a run trained there: checkpoint files, logged iterations."""
+    found = []
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(p.suffix == ".pth" for p in checkpoints.iterdir()):
+        found.append("checkpoints")
+    log = run_dir / "log.csv"
+    if log.is_file():
+        with open(log) as f:
+            if sum(1 for line in f if line.strip()) > 1:   # a header and >= 1 iteration
+                found.append("log.csv")
+    return found
 
 
 class RunDirError(RuntimeError):
@@ -30,7 +45,7 @@ def claim_run_dir(run_dir: Path, resume: bool = False, force: bool = False):
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run folder {run_dir} is an existing file; pass another --run-dir")
-    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+    existing = run_evidence(run_dir) if run_dir.is_dir() else []
     if existing and not (resume or force):
         raise RunDirError(f"run folder {run_dir} already holds a run ({', '.join(existing)}). "
                           f"Continue it with `--resume {run_dir}`, choose another --run-dir, or "

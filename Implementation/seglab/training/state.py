@@ -15,6 +15,7 @@ import torch
 
 from seglab.checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint
 from seglab.models import unwrap
+from seglab.recipe import explicit_recipe, recipe_record
 
 LAST, FINAL = "last.pth", "final.pth"
 
@@ -43,10 +44,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_checkpoint(run_dir, model, optimizer, iteration: int, cfg: dict,
-                             final: bool = False) -> Path:
-    """Write checkpoints/last.pth atomically (and final.pth, weights only, at the end)."""
+                             final: bool = False, labels: dict | None = None) -> Path:
+    """Write checkpoints/last.pth atomically (and final.pth, weights only, at the end). Both
+    carry what the weights are: the run's resolved recipe (seglab/recipe.py) and `labels`, the
+    data set's class names and colours (checkpoint.label_facts)."""
     net = unwrap(model)
     common = dict(trained_on=cfg["data"]["train_split"], input_norm=cfg["data"]["norm"],
+                  recipe=recipe_record(explicit_recipe(cfg), "train.py"), **(labels or {}),
                   config=cfg, iteration=iteration,
                   provenance={"source": "train.py", "run_dir": str(run_dir)})
     ckpt = make_checkpoint(net.arch, net.state_dict(), optimizer=optimizer.state_dict(),

@@ -24,6 +24,14 @@ from seglab.weights.caffe_proto import CaffeLayer, read_caffemodel
 from seglab.weights.common import ConversionError
 from seglab.weights.deeplabv2_arch import ASPP_RATES, deeplab_arch  # noqa: F401
 
+# How the release tests its models (seglab/recipe.py), recorded in each converted checkpoint:
+# the test prototxt of prototxt_and_model.zip runs MSC (1, 0.75, 0.5, max-fused, Interp) on each
+# image padded to 513x513 with the mean; the paper's Sec. 4.1 numbers are measured that way.
+RECIPE = {"msc_scales": [0.75, 0.5], "msc_fusion": "max", "interp": "caffe", "mode": "voc",
+          "pad_to": 513, "source": "DeepLab v2 Caffe release, test.prototxt of "
+          "prototxt_and_model.zip (MSC 1/0.75/0.5 max, Interp, crop 513 padded with the mean)"}
+LABELS = {21: "voc"}    # the class count of a head -> the data set whose classes it predicts
+
 MSC_COPIES = ("res05", "res075")  # Caffe layers of the 0.5x / 0.75x branches: shared weights
 BRANCHES = {"2a": "reduce", "2b": "conv3x3", "2c": "increase", "1": "shortcut"}
 
@@ -82,7 +90,7 @@ class CaffeConversion:
     missing: list = field(default_factory=list)   # our keys left at the net's init
 
 
-def _fit(blob, shape, layer: CaffeLayer, index: int, key: str) -> np.ndarray:
+def fit_blob(blob, shape, layer: CaffeLayer, index: int, key: str) -> np.ndarray:
     """The blob's values in `shape`, accepting Caffe's legacy 1x1x1xN padding, else an error."""
     data = blob.data
     if tuple(data.shape) == tuple(shape):
@@ -120,7 +128,7 @@ def _caffe_tensors(layer: CaffeLayer, prefix: str, kind: str, target: dict) -> d
     for i, param in enumerate(params):
         if param:
             key = f"{prefix}.{param}"
-            values = _fit(layer.blobs[i], target[key].shape, layer, i, key)
+            values = fit_blob(layer.blobs[i], target[key].shape, layer, i, key)
             out[key] = torch.from_numpy(np.array(values * scale if kind == "bn" else values,
                                                  dtype=np.float32))
     if kind == "bn":

@@ -55,20 +55,30 @@ def merge_into(net, mapped: dict, required_prefix: str = "") -> tuple[dict, list
     return target, unfilled
 
 
-def load_torch_state(path) -> dict:
+def load_torch_state(path, wrappers=("state_dict", "model"), safe_globals=()) -> dict:
+    """The state_dict in a foreign weights file, read with torch.load(weights_only=True)
+    (checkpoint.safe_load): unwrapped from the first of `wrappers` it is stored under (VainF's
+    `model_state`, torchvision's reference `model`, `state_dict`), a DataParallel `module.`
+    prefix removed. `safe_globals`: plain-data classes the file may hold besides tensors
+    (VainF's numpy scores), allowed by torch.serialization.safe_globals."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file (`convert.py --help` lists download URLs)")
     try:
-        obj = safe_load(path, "weights file")
+        with torch.serialization.safe_globals(list(safe_globals)):
+            obj = safe_load(path, "weights file")
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
     if isinstance(obj, dict) and obj.get("format") in FORMATS_READ:
-        raise ConversionError(f"{path} is already one of our checkpoints (use `--to-published` "
-                              "to export it)")
-    for wrapper in ("state_dict", "model"):
+        raise ConversionError(f"{path} is already one of our checkpoints (use it as it is, or "
+                              "`--to-published` to export it)")
+    for wrapper in wrappers:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+    if not isinstance(obj, dict) or not obj or \
+            not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConversionError(f"{path} does not hold a state_dict (a dict of tensors)")
-    return obj
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)

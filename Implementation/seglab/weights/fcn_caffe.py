@@ -33,10 +33,16 @@ import torch.nn as nn
 
 from seglab.models import build_model
 from seglab.models.fcn import FCNVGG
-from seglab.weights.caffe import _fit
+from seglab.weights.caffe import fit_blob
 from seglab.weights.caffe_proto import CaffeLayer, read_caffemodel
 from seglab.weights.common import ConversionError
 
+# How the FCN release is scored (fcn.berkeleyvision.org score.py / infer.py): the whole image,
+# one scale, BGR minus the mean.
+RECIPE = {"msc_scales": [], "msc_fusion": "max", "interp": "caffe", "mode": "full",
+          "pad_to": 513, "source": "FCN Caffe release, fcn.berkeleyvision.org score.py (whole "
+          "image, one scale)"}
+LABELS = {21: "voc"}
 HEAD = ("score_fr", "score_pool4", "score_pool3", "upscore2", "upscore_pool4", "upscore8",
         "upscore16", "upscore")
 SKIP_SCALES = {"scale_pool4": 0.01, "scale_pool3": 0.0001}
@@ -90,7 +96,7 @@ def _tensors(layer: CaffeLayer, module: str, target: dict) -> dict:
         raise ConversionError(f"layer {layer.name!r} ({layer.type}) has {len(layer.blobs)} blobs; "
                               f"{module} takes {len(params)} ({', '.join(params)})")
     return {f"{module}.{p}": torch.from_numpy(np.array(
-        _fit(blob, target[f"{module}.{p}"].shape, layer, i, f"{module}.{p}"), dtype=np.float32))
+        fit_blob(blob, target[f"{module}.{p}"].shape, layer, i, f"{module}.{p}"), dtype=np.float32))
         for i, (p, blob) in enumerate(zip(params, layer.blobs))}
 
 

@@ -28,9 +28,11 @@ import torchvision.models as tvm
 
 from seglab.checkpoint import sha256
 from seglab.config import ConfigError, load_config, presets
+from seglab.data.registry import dataset_class
 from seglab.models import ARCHITECTURES, architecture, build_model, normalize_arch
 from seglab.models.backbones import DENSENETS, RESNETS
-from seglab.weights.common import (ConversionError, add_num_batches_tracked, load_torch_state,
+from seglab.weights.common import (ConversionError, add_num_batches_tracked, blocks_per_stage,
+                                   load_torch_state,
                                    merge_into)
 
 HELP = ("NAME=FILE: torchvision ImageNet weights (vgg16, vgg16_bn, resnet*, densenet*) as the "
@@ -69,12 +71,8 @@ def _download(name: str, kind: str):
 
 
 def _count(sd: dict, pattern: str) -> tuple:
-    """Distinct block indices per stage for keys matching `pattern` (groups: stage, block)."""
-    found: dict = {}
-    for k in sd:
-        m = re.match(pattern, k)
-        if m:
-            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    """Blocks per stage for keys matching `pattern` (groups: stage, block), stages in order."""
+    found = blocks_per_stage(sd, pattern)
     return tuple(len(found[s]) for s in sorted(found))
 
 
@@ -162,7 +160,9 @@ def target(name: str) -> tuple[str, dict, int]:
         raise ConversionError(f"{name!r} is neither an architecture (python Implementation/"
                               f"model.py lists them) nor a config preset ({', '.join(presets())})"
                               ) from None
-    return cfg["model"]["name"], dict(cfg["model"]["arch"]), cfg["data"]["num_classes"]
+    d = cfg["data"]
+    return cfg["model"]["name"], dict(cfg["model"]["arch"]), (
+        d["num_classes"] or dataset_class(d["dataset"]).class_count(d["root"]))
 
 
 def convert(args) -> dict:

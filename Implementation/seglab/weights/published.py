@@ -73,6 +73,15 @@ def ours_to_published(sd: dict) -> dict:
     return out
 
 
+# How the port tests its models: configs/voc12.yaml MODEL.SCALES [0.5, 0.75] (max-fused with
+# 1x) and main.py's test, which feeds the whole image and resizes with F.interpolate
+# (align_corners=False): our `full` protocol with `interp=pytorch` (docs/fidelity.md).
+RECIPE = {"msc_scales": [0.75, 0.5], "msc_fusion": "max", "interp": "pytorch", "mode": "full",
+          "pad_to": 513, "source": "kazuto1011/deeplab-pytorch configs/voc12.yaml (MODEL.SCALES "
+          "0.5, 0.75) and main.py test (whole image, F.interpolate)"}
+LABELS = {21: "voc"}
+
+
 def convert(args) -> dict:
     mapped = published_to_ours(load_torch_state(args.input))
     arch = infer_arch(mapped, "caffe", args.num_classes)

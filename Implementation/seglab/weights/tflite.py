@@ -66,6 +66,13 @@ RELEASES = {
          "unknown: 21 PASCAL VOC classes, but the training data of this GPU-delegate demo model "
          "is not documented"),
 }
+# How TensorFlow DeepLab tests these models on VOC: eval.py with eval_scales [1.0] (one scale), no
+# flip, each image padded to eval_crop_size 513x513 (local_test_mobilenetv2.sh; the model zoo's
+# 75.32 / 74.26 mIoU are single-scale numbers); inputs scaled to [-1, 1].
+RECIPE = {"msc_scales": [], "msc_fusion": "mean", "interp": "caffe", "mode": "voc", "pad_to": 513,
+          "source": "TensorFlow DeepLab eval.py (eval_scales 1.0, eval_crop_size 513x513, no "
+          "flip; local_test_mobilenetv2.sh, g3doc/model_zoo.md)"}
+LABELS = {21: "voc"}
 MULTIPLIERS = (1.0, 0.5, 0.75, 0.35, 1.3, 1.4)   # MobileNetV2's published depth multipliers
 ACTIVATION = {0: None, 1: "relu", 3: "relu6"}   # TF Lite ActivationFunctionType -> ours
 DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8}

@@ -43,11 +43,19 @@ except ImportError:  # pragma: no cover
 
 from seglab.checkpoint import FORMATS_READ
 from seglab.models import ARCHITECTURES, build_model, normalize_arch
-from seglab.weights.common import ConversionError, add_num_batches_tracked, merge_into
+from seglab.weights.common import (ConversionError, add_num_batches_tracked, blocks_per_stage,
+                                   load_torch_state, merge_into)
 
 # Plain data that training scripts put next to the weights: numpy scalars (VainF's best_score,
 # pickled by numpy 1 or 2, whose names differ), argparse.Namespace (torchvision's reference
 # `args`).
+# How torchvision measures its published numbers: references/segmentation/train.py --test-only
+# resizes image and label so that the shorter side is 520, normalises with ImageNet's mean/std
+# and runs one scale (our `torchvision` protocol, seglab/data/protocols.py).
+RECIPE = {"msc_scales": [], "msc_fusion": "max", "interp": "caffe", "mode": "torchvision",
+          "pad_to": 513, "source": "torchvision references/segmentation (train.py --test-only: "
+          "shorter side resized to 520, one scale)"}
+LABELS = {21: "voc"}    # a COCO subset with the 20 VOC categories
 SAFE_GLOBALS = [(numpy_scalar, "numpy.core.multiarray.scalar"),
                 (numpy_scalar, "numpy._core.multiarray.scalar"), np.dtype, argparse.Namespace] + [
     getattr(np.dtypes, t) for t in ("Float64DType", "Float32DType", "Int64DType")
@@ -63,37 +71,14 @@ DOWNLOAD = " or ".join(f"https://download.pytorch.org/models/{f}" for f in (
 
 
 def load_state(path) -> dict:
-    """The state_dict in a foreign weights file (torch.load with weights_only=True; the wrappers
-    `model_state` (VainF), `model` (torchvision's reference), `state_dict` unwrapped; a
-    DataParallel `module.` prefix removed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file (`convert.py --help` lists download URLs)")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickled code, not a torch file
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ConversionError(f"cannot read {path} as a PyTorch weights file "
-                              f"(torch.load(weights_only=True)): {first}") from None
-    if isinstance(obj, dict) and obj.get("format") in FORMATS_READ:
-        raise ConversionError(f"{path} is already one of our checkpoints: use it as it is")
-    for wrapper in WRAPPERS:
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not obj or \
-            not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConversionError(f"{path} does not hold a state_dict (a dict of tensors)")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
+    """The state_dict of a torchvision or VainF weights file (common.load_torch_state with the
+    wrappers and plain-data globals those files use)."""
+    return load_torch_state(path, WRAPPERS, SAFE_GLOBALS)
 
 
 def resnet_depth(keys, prefix: str) -> int:
     """50 or 101, from the number of blocks in layer3 (6 or 23)."""
-    blocks = {int(m.group(1)) for k in keys for m in [re.match(rf"{prefix}layer3\.(\d+)\.", k)]
-              if m}
+    blocks = blocks_per_stage(keys, rf"{re.escape(prefix)}layer(\d+)\.(\d+)\.").get(3, [])
     return {6: 50, 23: 101}.get(len(blocks), 0)
 
 

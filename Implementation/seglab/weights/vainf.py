@@ -41,6 +41,12 @@ from seglab.weights.torchvision_seg import (file_classes, imagenet_resnet_names,
                                             load_backbone_only, load_state, load_with_classes,
                                             resnet_depth, split_input)
 
+# How VainF measures its README numbers: main.py --crop_val (the README's commands) resizes the
+# shorter side to 513 and scores the centre 513x513 crop, one scale (our `vainf` protocol).
+RECIPE = {"msc_scales": [], "msc_fusion": "max", "interp": "caffe", "mode": "vainf",
+          "pad_to": 513, "source": "VainF/DeepLabV3Plus-Pytorch main.py --crop_val (README: "
+          "resize 513, centre crop 513, one scale)"}
+LABELS = {21: "voc", 19: "cityscapes"}
 HELP = ("a VainF/DeepLabV3Plus-Pytorch checkpoint (best_deeplabv3plus_resnet101_voc_os16.pth, "
         "...; the architecture is read from its keys), or NAME=FILE: an ImageNet "
         "ResNet/MobileNetV2 file as the backbone of NAME")
