@@ -70,6 +70,9 @@ def use_cache_recipe(cfg: dict, cache: Path) -> None:
     for section, key in (("model", "interp"), ("eval", "mode"), ("eval", "pad_to")):
         if cfg[section][key] in ("auto", 0):
             cfg[section][key] = made.get(key) or PAPER[key]
+    print(f"recipe of the cached logits: interp {cfg['model']['interp']}, protocol "
+          f"{cfg['eval']['mode']} (pad {cfg['eval']['pad_to']})"
+          f"{'' if made else ' (no cache.json: the paper' + chr(39) + 's)'}", file=sys.stderr)
 
 
 def cached_split(cfg: dict, cache: Path, split: str | None):

@@ -185,3 +185,18 @@ def test_the_exact_head_gives_the_old_probabilities_summed_per_class(tmp_path):
     again.load_state_dict(new.state_dict())
     with torch.no_grad():
         assert torch.equal(again.eval()(x), new(x))
+
+
+def test_zero_iterations_writes_the_initialised_network(tmp_path):
+    """train.iterations=0: the class-mapped network as it is, as final.pth, scored like any."""
+    old_checkpoint(tmp_path / "old.pth", classes=["background", "widget", "thing"])
+    root = folder_dataset(tmp_path / "my_data")
+    run = tmp_path / "run"
+    assert train.main(["--config", "folder", f"data.root={root}", "--run-dir", str(run),
+                       "--init", str(tmp_path / "old.pth"), "--init-class", "gizmo=thing",
+                       "train.iterations=0", "data.workers=0", "eval.crf=false"]) == 0
+    final = load_checkpoint(run / "checkpoints" / "final.pth")
+    old = load_checkpoint(tmp_path / "old.pth")["model"]
+    assert torch.equal(final["model"]["aspp.c0.weight"][2], old["aspp.c0.weight"][2])
+    assert final["classes"] == ["background", "widget", "gizmo"]
+    assert (run / "eval_val" / "scores.json").is_file()

@@ -63,7 +63,8 @@ DEFAULTS = {
     },
     "train": {
         "init": "weights/init_coco.pth",  # scratch | imagenet | a converted/our checkpoint
-        "iterations": 20000,
+        "iterations": 20000,          # 0: write the initialised network as final.pth (e.g.
+                                      # a class-mapped one, to score it before training)
         "epochs": 0,                  # > 0: iterations = ceil(epochs x training images /
                                       # effective batch) instead (the folder preset's 30)
         "effective_batch": 10,        # = batch_per_step x accumulation x processes
@@ -145,7 +146,7 @@ CHOICES = {
 }
 BOUNDS = {
     "data.num_classes": (0, 255), "data.crop": (1, None), "data.workers": (0, None),
-    "train.iterations": (1, None), "train.epochs": (0, None), "train.effective_batch": (1, None),
+    "train.iterations": (0, None), "train.epochs": (0, None), "train.effective_batch": (1, None),
     "train.batch_per_step": (1, None), "train.base_lr": (0, None, "exclusive"),
     "train.momentum": (0, 1), "train.weight_decay": (0, None), "train.poly_power": (0, None),
     "train.seed": (0, None), "train.checkpoint_every": (1, None),

@@ -37,25 +37,21 @@ _NOTED: set = set()
 
 
 def resolve_backend(backend: str) -> str:
-    """`backend`, or "torch" when pydensecrf is asked for but not installed (with a one-line
-    note, once per process): the pure-PyTorch lattice gives the same labels (torch_crf.py)."""
+    """`backend`, or "torch" when pydensecrf or numba is asked for but not installed (with a
+    one-line note, once per process): the pure-PyTorch lattice gives the same labels
+    (torch_crf.py)."""
     if backend not in BACKENDS:
         raise ValueError(f"CRF backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "pydensecrf" and import_pydensecrf() is None:
-        if "fallback" not in _NOTED:
-            _NOTED.add("fallback")
-            print("note: pydensecrf is not installed (`pip install pydensecrf2` provides it); "
-                  "using the pure-PyTorch CRF (crf.backend=torch), which gives the same labels",
-                  file=sys.stderr)
-        return "torch"
-    if backend == "numba" and not _numba_available():
-        if "numba" not in _NOTED:
-            _NOTED.add("numba")
-            print("note: numba is not installed (`pip install numba` provides it); using the "
-                  "pure-PyTorch CRF (crf.backend=torch), which gives the same labels",
-                  file=sys.stderr)
-        return "torch"
-    return backend
+    missing = {"pydensecrf": ("pydensecrf2", lambda: import_pydensecrf() is not None),
+               "numba": ("numba", _numba_available)}.get(backend)
+    if missing is None or missing[1]():
+        return backend
+    if backend not in _NOTED:
+        _NOTED.add(backend)
+        print(f"note: {backend} is not installed (`pip install {missing[0]}` provides it); "
+              "using the pure-PyTorch CRF (crf.backend=torch), which gives the same labels",
+              file=sys.stderr)
+    return "torch"
 
 
 def _numba_available() -> bool:

@@ -64,6 +64,7 @@ class _Settings(NamedTuple):
     return_labels: bool
     trimap_widths: tuple | None
     mode: str = "voc"               # the evaluation protocol the cached logits were made with
+    palette: tuple | None = None    # the label PNGs' class colours (the model's); None: VOC's
 
 
 # The last image a worker prepared: the search runs every setting on one image in a row.
@@ -97,7 +98,7 @@ def _run_job(item: tuple[int, CRFJob, _Settings]):
             if s.trimap_widths:
                 trimap = TrimapEvaluator(s.trimap_widths, unary.shape[0]).update(pred, gt)
         if job.out_path is not None:
-            save_label_png(job.out_path, pred)
+            save_label_png(job.out_path, pred, s.palette)
         return index, CRFResult(job.image_id, job.tag, pred if s.return_labels else None,
                                 confusion, trimap, job.out_path, started, time.time() - started,
                                 time.process_time() - cpu_started)
@@ -165,10 +166,11 @@ class CRFStream:
     def __init__(self, params: CRFParams | None = None, workers: int | None = None,
                  backend: str = "pydensecrf", device: str = "cpu", interp: str = "caffe",
                  trimap_widths=None, progress: bool = True, desc: str = "CRF",
-                 mode: str = "voc"):
+                 mode: str = "voc", palette=None):
         backend = resolve_backend(backend)
         self.settings = _Settings(params or CRFParams(), backend, device, interp, False,
-                                  tuple(trimap_widths) if trimap_widths else None, mode)
+                                  tuple(trimap_widths) if trimap_widths else None, mode,
+                                  tuple(map(tuple, palette)) if palette is not None else None)
         DenseCRF(self.settings.params, backend, device)  # fail here, not in every worker
         workers = workers or default_workers(backend, device)
         self.pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)

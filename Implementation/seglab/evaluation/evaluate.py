@@ -251,7 +251,7 @@ def crf_stream(dataset, out_dir, cache_dir, predictor, s: EvalSettings, progress
     stream = CRFStream(s.crf_params, s.crf_workers or None, s.crf_backend,
                        str(predictor.device) if is_torch_backend(s.crf_backend) else "cpu",
                        predictor.interp, s.trimap_widths, progress, desc=f"CRF ({s.split})",
-                       mode=s.mode)
+                       mode=s.mode, palette=predictor.palette)
 
     def submit(image_id: str) -> None:
         i = index[image_id]

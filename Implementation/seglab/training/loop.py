@@ -173,6 +173,8 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
         run_dir, model, optimizer, it, cfg, final=final, labels=labels) if rank == 0 else None
     with StopRequest() as stop:
         try:
+            if t["iterations"] == 0 and rank == 0:   # the initialised network as it is
+                save(final=True)
             while it < t["iterations"]:
                 if stop.signal:
                     raise Interrupted(stop.signal, it, save())
