@@ -121,8 +121,8 @@ def test_crf_refuses_non_finite_logits_and_names_the_file(tmp_path, capsys):
 # 6. + every value typed and ranged up front ---------------------------------------------------------
 
 @pytest.mark.parametrize("override,words", [
-    ("train.iterations=2.5", "whole number"), ("train.iterations=0", ">= 1"),
-    ("train.iterations=-5", ">= 1"), ("train.batch_per_step=0", ">= 1"),
+    ("train.iterations=2.5", "whole number"), ("train.epochs=-1", ">= 0"),
+    ("train.iterations=-5", ">= 0"), ("train.batch_per_step=0", ">= 1"),
     ("train.checkpoint_every=0", ">= 1"), ("train.base_lr=-1", "> 0"),
     ("train.precision=fp16", "fp32, bf16"), ("run.device=gpu", "cuda:N"),
     ("data.crop=big", "number"), ("eval.trimap=[1, -2]", "positive"),
