@@ -138,8 +138,9 @@ def main(argv=None) -> dict | None:
               f"(+{m['backward_growth_mb']:.0f} MB over the set-up), {m['forward_backward_s']:.2f} s")
     if not args.tflite.is_file() or not (args.voc / "VOCdevkit").is_dir():
         print(f"skipping the real-data comparison: needs {args.tflite} and {args.voc}/VOCdevkit "
-              "(../shared/real, see bench/real_stage_two.py); the memory figures above stand")
-        return write_report(report, RESULTS)
+              "(../shared/real, see bench/real_stage_two.py); the memory figures above stand "
+              f"(not written: {RESULTS} keeps the last full run)")
+        return report
     args.work.mkdir(parents=True, exist_ok=True)
     cache = build_cache(args.voc, args.tflite, args.work)
     voc_root = args.voc / "VOCdevkit" / "VOC2012"
