@@ -88,13 +88,14 @@ def parse_args(argv=None):
     return parse_config_args(p, argv)
 
 
-def resolve(args) -> tuple[dict, Path, dict | None]:
-    """(config, run folder, resume checkpoint or None) from the command line."""
+def resolve(args) -> tuple[dict, Path, dict | None, dict | None]:
+    """(config, run folder, resume checkpoint or None, the init checkpoint's facts or None)
+    from the command line."""
     if args.resume:
         path = resolve_resume(args.resume)
         resume = load_training_checkpoint(path)
         cfg = config_from_args(args, base=upgrade_legacy(resume["config"]))
-        return cfg, Path(args.run_dir) if args.run_dir else path.parent.parent, resume
+        return cfg, Path(args.run_dir) if args.run_dir else path.parent.parent, resume, None
     cfg = config_from_args(args)
     if args.init:
         cfg["train"]["init"] = args.init
@@ -113,7 +114,7 @@ def resolve(args) -> tuple[dict, Path, dict | None]:
     d["num_classes"] = resolve_num_classes(d["dataset"], d["root"], d["num_classes"])
     normalize_arch(arch_from_config(cfg))              # an option the checkpoint gave is valid
     print("\n".join(filter(None, [note, describe(recipe, sources)])), file=sys.stderr)
-    return cfg, Path(args.run_dir) if args.run_dir else make_run_dir(cfg), None
+    return cfg, Path(args.run_dir) if args.run_dir else make_run_dir(cfg), None, init
 
 
 def prepare_data(cfg: dict, rank: int):
@@ -140,11 +141,11 @@ def main(argv=None) -> int:
     # which made late CPU iterations of the demo ~3x slower. Changes nothing above 1e-38.
     torch.set_flush_denormal(True)
     try:
-        cfg, run_dir, resume = resolve(args)
+        cfg, run_dir, resume, init = resolve(args)
         rank, _, _ = setup_distributed()
         lock = claim_run_dir(run_dir, resume=bool(resume), force=args.force) if rank == 0 else None
         dataset = prepare_data(cfg, rank)
-        groups = None if resume else plan_class_groups(cfg, dataset)
+        groups = None if resume else plan_class_groups(cfg, dataset, init)
         if groups and rank == 0:
             print(groups, file=sys.stderr)
         t = cfg["train"]

@@ -185,7 +185,9 @@ def describe_mapping(mapping: dict, new_names, old_names, union: str, weights=No
         if i in mapping:
             members = [old_names[m] for m in mapping[i]]
             how = ""
-            if len(members) > 1:
+            if len(members) > 1 and union == "exact":
+                how = f" (exact: {len(members)} rows, log-sum-exp)"
+            elif len(members) > 1:
                 rows, a, b = (weights or union_weights(mapping))[i]
                 top = sorted(zip(a, rows), key=lambda t: -abs(t[0]))[:len(members) + 2]
                 how = (f" ({union}: " + ", ".join(f"{w:+.2f} {old_names[r]}" for w, r in top) +

@@ -182,13 +182,16 @@ def map_classes(net, ckpt: dict, fresh: dict, cfg: dict, dataset) -> str | None:
     return describe_mapping(mapping, new_names, old_names, t["init_union"], weights)
 
 
-def plan_class_groups(cfg: dict, dataset) -> str | None:
+def plan_class_groups(cfg: dict, dataset, ckpt: dict | None = None) -> str | None:
     """train.init_union=exact: where a class of the data set unites several classes of the
     init checkpoint, give the network one classifier row per member (model.arch.class_groups,
-    seglab/models/class_groups.py), before it is built. Returns a note, or None."""
+    seglab/models/class_groups.py), before it is built. `ckpt`: the init checkpoint's facts if
+    already read (init_checkpoint). Returns a note, or None."""
     t = cfg["train"]
-    ckpt = init_checkpoint(cfg)
-    if t["init_union"] != "exact" or ckpt is None or stated_classes(ckpt) is None:
+    if t["init_union"] != "exact":
+        return None
+    ckpt = ckpt if ckpt is not None else init_checkpoint(cfg)
+    if ckpt is None or stated_classes(ckpt) is None:
         return None
     try:
         mapping = class_mapping(list(dataset.class_names), stated_classes(ckpt),
