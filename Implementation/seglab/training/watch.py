@@ -115,9 +115,9 @@ class Watch:
             self.preview_every = 0
             return
         predictor = self.predictor(model)
+        colour = full_palette(self._palette[:self.cfg["data"]["num_classes"]])
         for image_id, image, label in panel:
             labels, _ = predictor.predict(image)
-            colour = full_palette(self._palette[:self.cfg["data"]["num_classes"]])
             truth = colour[np.where(label == IGNORE, IGNORE, label)]
             strip = np.concatenate([image, truth, colour[labels]], axis=1)
             self.writer.add_image(f"preview/{image_id}", strip, it, dataformats="HWC")
