@@ -45,27 +45,29 @@ from seglab.weights.caffe_proto import CaffeModelError
 from seglab.weights.common import ConversionError
 from seglab.weights.provenance import SPLIT_CONTENTS, guess_trained_on
 
-# name -> (module with convert(args) -> dict, what INPUT is, where to download it, input_norm).
-# A new source of weights is one module under seglab/weights/ plus one line here.
+# name -> (module with convert(args) -> dict, what INPUT is, where to download it). Each module
+# states what its source is: INPUT_NORM (the input normalisation its weights expect), RECIPE
+# (the source's test recipe), LABELS (the data sets its heads predict). A new source of weights
+# is one module under seglab/weights/ plus one line here.
 CONVERTERS = {
     "caffe": (caffe, "a DeepLab v2 .caffemodel (init.caffemodel, train_iter_20000.caffemodel, "
-                     "...)", "http://liangchiehchen.com/projects/DeepLabv2_resnet.html", "caffe"),
+                     "...)", "http://liangchiehchen.com/projects/DeepLabv2_resnet.html"),
     "pth": (published, "the published PyTorch conversion (deeplabv2_resnet101_msc-vocaug-20000"
                        ".pth), or with --to-published one of our checkpoints back into it",
             "https://github.com/kazuto1011/deeplab-pytorch/releases/download/v1.0/"
-            "deeplabv2_resnet101_msc-vocaug-20000.pth", "caffe"),
+            "deeplabv2_resnet101_msc-vocaug-20000.pth"),
     "torchvision": (torchvision_imagenet, "torchvision ResNet-50/101 ImageNet weights (a local "
                                           "file, or `download`)",
-                    "https://download.pytorch.org/models/resnet101-63fe2227.pth", "imagenet"),
+                    "https://download.pytorch.org/models/resnet101-63fe2227.pth"),
     "tflite": (tflite, "a TF Lite DeepLab v3 MobileNetV2 (.tflite, float or uint8)",
-               " or ".join(tflite.URLS), "tf"),
-    "torchvision-seg": (tv_seg, tv_seg.HELP, tv_seg.DOWNLOAD, "imagenet"),
-    "vainf": (vainf, vainf.HELP, vainf.DOWNLOAD, "imagenet"),
+               " or ".join(tflite.URLS)),
+    "torchvision-seg": (tv_seg, tv_seg.HELP, tv_seg.DOWNLOAD),
+    "vainf": (vainf, vainf.HELP, vainf.DOWNLOAD),
     "imagenet_backbones": (imagenet_backbones, imagenet_backbones.HELP,
-                           imagenet_backbones.DOWNLOAD, "imagenet"),
+                           imagenet_backbones.DOWNLOAD),
     "fcn_caffe": (fcn_caffe, "an FCN-VGG16 Caffe release (fcn8s-heavy-pascal.caffemodel, "
                              "fcn16s/fcn32s-heavy-pascal, fcn8s-atonce-pascal)",
-                  "http://dl.caffe.berkeleyvision.org/fcn8s-heavy-pascal.caffemodel", "caffe"),
+                  "http://dl.caffe.berkeleyvision.org/fcn8s-heavy-pascal.caffemodel"),
 }
 
 def parse_args(argv=None):
@@ -73,7 +75,7 @@ def parse_args(argv=None):
         prog="convert.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="converter", required=True)
-    for name, (_, text, url, _) in CONVERTERS.items():
+    for name, (_, text, url) in CONVERTERS.items():
         p = sub.add_parser(name, help=text, description=f"{text}. Download: {url}")
         p.add_argument("input", help="input file" + (" or the word `download`"
                                                      if name == "torchvision" else ""))
@@ -111,51 +113,63 @@ def what_it_is(module, arch: dict, left_at_init) -> dict:
     return facts
 
 
+def provenance_of(args, result: dict) -> tuple[str | None, dict]:
+    """(what the weights were trained on, the provenance record) of one conversion: --trained-on
+    over the converter's knowledge over a guess from the file name; the source and its sha256
+    as the converter found them (a download names its URL), else the input file's."""
+    trained_on = (args.trained_on or result.get("trained_on")
+                  or guess_trained_on(args.input, args.converter))
+    local = args.input != "download" and Path(args.input).is_file()
+    provenance = dict(
+        source=result.get("source", str(args.input)),
+        sha256=result["sha256"] if "sha256" in result else (sha256(args.input) if local else None),
+        converter=args.converter, skipped=result["skipped"], dropped=result["dropped"],
+        left_at_init=result["missing"], input_norm=CONVERTERS[args.converter][0].INPUT_NORM)
+    provenance.update(result.get("provenance", {}))  # the converter's own facts
+    return trained_on, provenance
+
+
+def convert(args) -> dict:
+    """Run the converter, write the checkpoint; returns the summary (OUT.json)."""
+    module = CONVERTERS[args.converter][0]
+    input_norm = module.INPUT_NORM
+    result = module.convert(args)
+    trained_on, provenance = provenance_of(args, result)
+    ckpt = make_checkpoint(result["arch"], result["state_dict"], trained_on, provenance,
+                           input_norm=input_norm,
+                           **what_it_is(module, result["arch"], result["missing"]))
+    atomic_save(ckpt, args.output)
+    print(f"wrote {args.output}: {result['filled']} tensors filled from {provenance['source']}; "
+          f"skipped {len(result['skipped'])}; dropped "
+          f"{len(result['dropped'])}: {result['dropped'] or 'nothing'}; "
+          f"{len(result['missing'])} left at init; trained_on={trained_on}; "
+          f"input_norm={input_norm}; test recipe: "
+          f"{(ckpt.get('recipe') or {}).get('source', 'none (a backbone)')}; classes: "
+          f"{ckpt.get('dataset') or 'none recorded'}")
+    if trained_on is None:
+        print("note: could not tell what the weights were trained on from the file name; "
+              "pass --trained-on so evaluation can warn about train/test overlap",
+              file=sys.stderr)
+    return dict(arch=result["arch"], trained_on=trained_on, provenance=provenance,
+                filled=result["filled"], total=len(result["state_dict"]),
+                recipe=ckpt.get("recipe"), dataset=ckpt.get("dataset"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.source, args.source_sha256 = str(args.input), None
-    if args.input != "download" and Path(args.input).is_file():
-        args.source_sha256 = sha256(args.input)
     try:
         if getattr(args, "to_published", False):
             summary = published.to_published(args)
             print(f"wrote {args.output}: {summary['keys']} published keys (base.*)")
         else:
-            module, _, _, input_norm = CONVERTERS[args.converter]
-            result = module.convert(args)
-            trained_on = args.trained_on or guess_trained_on(args.input, args.converter)
-            provenance = dict(
-                source=args.source,
-                sha256=args.source_sha256,
-                converter=args.converter, skipped=result["skipped"], dropped=result["dropped"],
-                left_at_init=result["missing"], input_norm=input_norm)
-            provenance.update(result.get("provenance", {}))  # the converter's own facts
-            ckpt = make_checkpoint(result["arch"], result["state_dict"], trained_on, provenance,
-                                   input_norm=input_norm,
-                                   **what_it_is(module, result["arch"], result["missing"]))
-            atomic_save(ckpt, args.output)
-            summary = dict(arch=result["arch"], trained_on=trained_on, provenance=provenance,
-                           filled=result["filled"], total=len(result["state_dict"]),
-                           recipe=ckpt.get("recipe"), dataset=ckpt.get("dataset"))
-            print(f"wrote {args.output}: {result['filled']} tensors filled from {args.source}; "
-                  f"skipped {len(result['skipped'])}; dropped "
-                  f"{len(result['dropped'])}: {result['dropped'] or 'nothing'}; "
-                  f"{len(result['missing'])} left at init; trained_on={trained_on}; "
-                  f"input_norm={input_norm}; test recipe: "
-                  f"{(ckpt.get('recipe') or {}).get('source', 'none (a backbone)')}; classes: "
-                  f"{ckpt.get('dataset') or 'none recorded'}")
-            if trained_on is None:
-                print("note: could not tell what the weights were trained on from the file name; "
-                      "pass --trained-on so evaluation can warn about train/test overlap",
-                      file=sys.stderr)
+            summary = convert(args)
     except (CaffeModelError, ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = {k: v for k, v in vars(args).items() if k not in ("source", "source_sha256")}
+    config = dict(vars(args), trained_on=summary.get("trained_on"))
     sidecar = Path(str(args.output) + ".json")
     sidecar.write_text(json.dumps(dict(config=config, **summary), indent=2, default=str))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

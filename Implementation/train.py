@@ -39,6 +39,7 @@ from seglab.recipe import RECIPE_FIELDS, describe, explicit_recipe, fill_config,
 from seglab.training.class_map import parse_class_map
 from seglab.training.init import (TrainingError, adopt_architecture, init_checkpoint,
                                   plan_class_groups, prepare_init)
+from seglab.training.distill import describe_distillation, plan_distillation
 from seglab.training.loop import Interrupted, train
 from seglab.training.run_dir import RunDirError, claim_run_dir, make_run_dir
 from seglab.training.state import load_training_checkpoint, resolve_resume
@@ -148,6 +149,10 @@ def main(argv=None) -> int:
         groups = None if resume else plan_class_groups(cfg, dataset, init)
         if groups and rank == 0:
             print(groups, file=sys.stderr)
+        if not resume:   # the resolved weight goes into config.yaml (resume needs no guess)
+            cfg["train"]["distill"], known = plan_distillation(cfg, dataset, init)
+            if known and rank == 0:
+                print(describe_distillation(cfg, dataset, known), file=sys.stderr)
         t = cfg["train"]
         if t["epochs"] and not resume and "train.iterations" not in given_keys(args):
             # a length in passes over the data; an explicit train.iterations wins, and a

@@ -289,7 +289,7 @@ def speed_calls(rows: dict, image) -> dict:
             padded[:image.shape[0], :image.shape[1]] = image
             calls[name] = (lambda p=predictor, x=padded: p.run(x))
         else:
-            x, _ = predictor.transform("voc", SIZE)(image)
+            x, _ = predictor.transform("voc", SIZE).prepare(image)
             calls[name] = labels_call(predictor, x)
     return calls
 

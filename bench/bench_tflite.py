@@ -118,7 +118,7 @@ def tflite_row(it, image: np.ndarray):
 def ours_row(predictor: Predictor, image: np.ndarray, size: int):
     """(call -> labels at the input size) of one Predictor on the prepared input; checks once
     that `labels_at` gives the pipeline's labels (full_resolution_logits + argmax(0))."""
-    x, _ = predictor.transform("voc", size)(image)
+    x, _ = predictor.transform("voc", size).prepare(image)
     logits = predictor.logits(x)
     pipeline = full_resolution_logits(logits, (size, size), (size, size)).argmax(0).numpy()
     fast = labels_at(logits, size).numpy()

@@ -19,9 +19,13 @@ Rows (scored on the 10 val images, the model's own recipe: one scale, VOC protoc
   mapped init (fit/mean/max) ... with one linear row per union instead: how close a linear
                          head gets (seglab/training/class_map.py)
   fine-tuned             `train.py --config folder data.root=D --init mnv2.pth [--init-class
-                         animal=bird,...]`: the README's command, 30 epochs of the 10 images
-  fine-tuned, linear fit the same with train.init_union=fit
-  fine-tuned, fresh rows the same without --init-class: the classes whose names the VOC model
+                         animal=bird,...]`: the README's command, 30 epochs of the 10 images at
+                         the folder preset's lr 1e-4, distilled from the class-mapped init
+  ... no distillation    the same with train.distill=0
+  ... lr 1e-3            the same at the paper's rate (train.base_lr=1e-3), with and without
+                         distillation (the folder preset before distillation: 1e-3, none)
+  ... linear fit         the README's command with train.init_union=fit
+  ... fresh rows         the same without --init-class: the classes whose names the VOC model
                          knows start from its rows, `animal` from a fresh init
 Each row is scored without and with the dense CRF (the paper's parameters). The files live in
 --work (a temporary folder by default), never in the repository.
@@ -66,6 +70,16 @@ CLASSES = {
     "person-cat-dog": (["background", "person", "cat", "dog"],
                        {c: [c] for c in ("background", "person", "cat", "dog")}),
 }
+
+
+# the fine-tuning runs of every set: (row, run folder suffix, extra train.py arguments)
+VARIANTS = [
+    ("fine-tuned (README command)", "run", ()),
+    ("fine-tuned, no distillation", "plain", ("train.distill=0",)),
+    ("fine-tuned at lr 1e-3", "lr3", ("train.base_lr=1e-3",)),
+    ("fine-tuned at lr 1e-3, no distillation", "lr3_plain",
+     ("train.base_lr=1e-3", "train.distill=0")),
+]
 
 
 def tables(classes, members) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +154,8 @@ def score_mapped_init(mnv2: Path, root: Path, classes, members, union: str,
     settings = EvalSettings(data_root=str(root), split="val", dataset="folder", crf=True,
                             device="cpu", save_predictions=False)
     scores = evaluate(path, settings, out_dir=work / f"eval_mapped_{union}", show_progress=False)
-    return {"miou": scores["miou"], "crf_miou": scores["crf"]["miou"], "mapping": note}
+    return {"miou": scores["miou"], "crf_miou": scores["crf"]["miou"], "iou": scores["iou"],
+            "mapping": note}
 
 
 def fine_tune(mnv2: Path, root: Path, run: Path, init_classes, *extra) -> dict:
@@ -153,7 +168,8 @@ def fine_tune(mnv2: Path, root: Path, run: Path, init_classes, *extra) -> dict:
     plain = json.loads((run / "eval_val" / "scores.json").read_text())
     crf = json.loads((run / "eval_val" / "scores_crf.json").read_text())
     cfg = __import__("yaml").safe_load((run / "config.yaml").read_text())
-    return {"miou": plain["miou"], "crf_miou": crf["miou"], "seconds": round(seconds, 1),
+    return {"miou": plain["miou"], "crf_miou": crf["miou"], "iou": plain["iou"],
+            "crf_iou": crf["iou"], "seconds": round(seconds, 1),
             "iterations": cfg["train"]["iterations"], "command": " ".join(args)}
 
 
@@ -186,7 +202,8 @@ def main(argv=None) -> int:
             add(f"mapped init ({union}), no training",
                 score_mapped_init(mnv2, root, classes, members, union, work))
         explicit = {c: list(m) for c, m in members.items() if len(m) > 1}
-        add("fine-tuned (README command)", fine_tune(mnv2, root, work / f"{name}_run", explicit))
+        for label, run, extra in VARIANTS:
+            add(label, fine_tune(mnv2, root, work / f"{name}_{run}", explicit, *extra))
         if explicit:
             add("fine-tuned, one linear row (init_union=fit)",
                 fine_tune(mnv2, root, work / f"{name}_fit", explicit, "train.init_union=fit"))

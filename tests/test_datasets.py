@@ -90,11 +90,17 @@ def test_eval_items_keep_the_original_label(demo):
     assert np.array_equal(item["label"].numpy(), load_label(ds.label_path(1)))
 
 
-def test_other_callable_transform(demo):
-    ds = VOCSegmentation(demo, "val", transform=lambda image, label: (image.sum(), label.sum()))
-    item = ds[0]
-    assert item["image"] == load_image(ds.image_path(0)).sum()
+def test_any_transform_is_called_with_image_label_and_the_sample_rng(demo):
+    """The one transform signature: (image, label, rng) -> (image, label); rng is seeded by
+    the sample seed (ds[(i, seed)]), the image index by default."""
+    def transform(image, label, rng):
+        return (image.sum(), rng.integers(1 << 30)), label.sum()
+    ds = VOCSegmentation(demo, "val", transform=transform)
+    item = ds[(0, 7)]
+    assert item["image"][0] == load_image(ds.image_path(0)).sum()
+    assert item["image"][1] == np.random.default_rng(7).integers(1 << 30)
     assert item["label"] == load_label(ds.label_path(0)).sum()
+    assert ds[1]["image"][1] == np.random.default_rng(1).integers(1 << 30)
 
 
 def test_torchvision_reads_the_same_folder_identically(demo):

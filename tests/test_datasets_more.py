@@ -26,7 +26,8 @@ from seglab.data.images import DataError
 from seglab.data.registry import DATASETS
 from seglab.data.transforms import EvalTransform, TrainTransform
 from seglab.models import build_model
-from seglab.training.init import TrainingError, class_dependent, load_init
+from seglab.models import class_dependent
+from seglab.training.init import TrainingError, load_init
 
 H, W = 40, 48
 # Raw annotation value -> class index, written out from the published tables (not from the code

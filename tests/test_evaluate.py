@@ -132,7 +132,7 @@ def test_cache_of_another_checkpoint_is_recomputed(tmp_path, checkpoint, data_ro
     assert len(count_forwards) == 6
     assert "another checkpoint" in capsys.readouterr().err
     cached, _, _ = load_logits(out / "logits" / "val_0002.npz")
-    x = inference.Predictor(other, device="cpu").transform("voc", 65)(
+    x = inference.Predictor(other, device="cpu").transform("voc", 65).prepare(
         load_image(voc_file(data_root, "JPEGImages", "val_0002", "jpg")))[0]
     fresh = inference.Predictor(other, device="cpu").logits(x)
     torch.testing.assert_close(cached, fresh.half().float())

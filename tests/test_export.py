@@ -249,7 +249,7 @@ def test_pt2e_int8_module_is_quantised_and_agrees_with_fp32(files, demo):
     fp32 = Predictor(files["ckpt"], device="cpu", msc_scales=())
     same = total = 0
     for path in sorted((demo / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("val*.jpg")):
-        x, _ = fp32.transform("voc", 81)(load_image(path))
+        x, _ = fp32.transform("voc", 81).prepare(load_image(path))
         with torch.no_grad():
             a, b = module(x[None])[0], fp32.logits(x)
         assert not torch.equal(a, b)

@@ -10,7 +10,8 @@ import train
 from seglab.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from seglab.models import build_model
 from seglab.training.class_map import class_mapping, map_rows, parse_class_map, union_weights
-from seglab.training.init import TrainingError, class_dependent, load_init, plan_class_groups
+from seglab.models import class_dependent
+from seglab.training.init import TrainingError, load_init, plan_class_groups
 from test_recipe import TINY_ARCH, folder_dataset
 
 OLD = ["background", "cat", "dog", "person", "car"]

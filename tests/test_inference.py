@@ -130,7 +130,7 @@ def test_predictor_reads_settings_from_the_checkpoint(tmp_path):
     assert isinstance(single.model, DeepLabV2) and single.norm == "caffe"
     # full-image mode: no padding, logits at (H-1)//8+1
     image = np.full((30, 45, 3), 128, np.uint8)
-    x, size = single.transform("full")(image)
+    x, size = single.transform("full").prepare(image)
     assert single.logits(x).shape == (5, 4, 6) and size == (30, 45)
     labels, logits = single.predict(image, mode="full")
     assert labels.shape == (30, 45) and logits.shape == (5, 30, 45)

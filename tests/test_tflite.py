@@ -417,7 +417,7 @@ def test_convert_and_evaluate_command_lines(tmp_path, converted):
                                    depth_multiplier=0.5, output_stride=16)
     assert summary["trained_on"] == "train_aug" and summary["provenance"]["converter"] == "tflite"
     assert summary["provenance"]["sha256"].startswith("0470d2a7")
-    assert "likely, not proven" in summary["config"]["tflite"]["trained_on_note"]
+    assert "likely, not proven" in summary["provenance"]["trained_on_note"]
     recipe = load_checkpoint(out)["recipe"]
     assert (recipe["msc_scales"], recipe["mode"], recipe["pad_to"]) == ([], "voc", 513)
     assert "eval_scales 1.0" in recipe["source"]

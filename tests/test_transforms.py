@@ -219,7 +219,7 @@ def test_voc_padded_size():
 @pytest.mark.parametrize("norm", ["caffe", "imagenet"])
 def test_eval_voc_pads_to_513_with_zero(norm):
     image = np.random.default_rng(2).integers(0, 256, (375, 500, 3), dtype=np.uint8)
-    x, size = EvalTransform("voc", norm=norm)(image)
+    x, size = EvalTransform("voc", norm=norm).prepare(image)
     assert size == (375, 500) and x.shape == (3, 513, 513) and x.dtype == torch.float32
     assert torch.equal(x[:, :375, :500], normalize(image, norm))
     assert (x[:, 375:, :] == 0).all() and (x[:, :, 500:] == 0).all()
@@ -227,16 +227,16 @@ def test_eval_voc_pads_to_513_with_zero(norm):
 
 def test_eval_voc_above_pad_to_goes_to_the_next_8k_plus_1():
     image = np.random.default_rng(3).integers(0, 256, (530, 514, 3), dtype=np.uint8)
-    x, size = EvalTransform("voc")(image)
+    x, size = EvalTransform("voc").prepare(image)
     assert size == (530, 514) and x.shape == (3, 537, 521)
     assert torch.equal(x[:, :530, :514], normalize(image))
     assert (x[:, 530:] == 0).all() and (x[:, :, 514:] == 0).all()
-    x, size = EvalTransform("voc", pad_to=65)(image[:64, :70])
+    x, size = EvalTransform("voc", pad_to=65).prepare(image[:64, :70])
     assert size == (64, 70) and x.shape == (3, 65, 73)
 
 
 def test_eval_full_is_the_image_as_is():
     image = np.random.default_rng(4).integers(0, 256, (37, 51, 3), dtype=np.uint8)
     for norm in ("caffe", "imagenet"):
-        x, size = EvalTransform("full", norm=norm)(image)
+        x, size = EvalTransform("full", norm=norm).prepare(image)
         assert size == (37, 51) and torch.equal(x, normalize(image, norm))

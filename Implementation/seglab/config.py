@@ -81,6 +81,10 @@ DEFAULTS = {
         "init_union": "exact",        # a class mapped from several old ones: exact (one row
                                       # each, merged by log-sum-exp) | fit | mean | max (one
                                       # linear row from theirs; training/class_map.py)
+        "distill": None,              # weight of the distillation from the class-mapped init
+                                      # (Learning without Forgetting; training/distill.py):
+                                      # null = 1 when classes were mapped from train.init, else 0
+        "distill_temperature": 2.0,   # its softmax temperature T (LwF's 2)
         "seed": 0,
         "checkpoint_every": 1000,
         "precision": "fp32",          # fp32 | bf16 (autocast on CUDA / CPUs with bf16)
@@ -152,6 +156,7 @@ BOUNDS = {
     "train.seed": (0, None), "train.checkpoint_every": (1, None),
     "train.preview_every": (0, None), "train.preview_images": (1, None),
     "train.val_every": (0, None), "train.val_images": (0, None),
+    "train.distill_temperature": (0, None, "exclusive"),
     "eval.pad_to": (0, None), "eval.limit": (0, None), "eval.loader_workers": (0, None),
     "crf.iterations": (0, None), "crf.bi_w": (0, None), "crf.pos_w": (0, None),
     "crf.bi_xy_std": (0, None, "exclusive"), "crf.bi_rgb_std": (0, None, "exclusive"),
@@ -243,11 +248,12 @@ def validate(cfg: dict) -> dict:
                    for v in values):
             raise ConfigError(f"config key '{key}' must be a list of positive numbers; got "
                               f"{values!r}")
-    aux = cfg["train"]["aux_weight"]
-    if aux is not None and (isinstance(aux, bool) or not isinstance(aux, (int, float))
-                            or not 0 <= aux < float("inf")):
-        raise ConfigError(f"config key 'train.aux_weight' must be null (the architecture's) or "
-                          f"a number >= 0; got {aux!r}")
+    for key, null in (("aux_weight", "the architecture's"), ("distill", "auto")):
+        value = cfg["train"][key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value < float("inf")):
+            raise ConfigError(f"config key 'train.{key}' must be null ({null}) or a number >= 0; "
+                              f"got {value!r}")
     if not all(isinstance(w, int) and w > 0 for w in cfg["eval"]["trimap"]):
         raise ConfigError(f"config key 'eval.trimap' must be a list of positive whole numbers "
                           f"(pixels); got {cfg['eval']['trimap']!r}")

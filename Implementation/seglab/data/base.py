@@ -14,9 +14,11 @@ every layout:
                        when the annotation is newer. The CRF workers and evaluation's logit-cache
                        check read label *files*, so a data set whose files hold other ids (e.g.
                        Cityscapes' 34 label ids) serves them the mapped copy.
-  __getitem__          {"image", "label", "id", "size"} through a TrainTransform (seeded by the
-                       sample seed), an EvalTransform (original-size label) or no transform
-                       (Caffe-normalised full image), as voc.py always did
+  __getitem__          {"image", "label", "id", "size"}: `transform(image, label, rng)` ->
+                       (image, label), the one signature of every transform, with rng seeded
+                       by the sample seed: a TrainTransform (random scale, crop, mirror), an
+                       EvalTransform (original-size label), or by default the Caffe-normalised
+                       full image (EvalTransform mode "full")
   list_path            where the split's ids come from (a list file or a folder), for messages
   class_names, palette, ignore_label, mean, std
                        what evaluation prints and overlays draw with. mean/std are the RGB
@@ -37,7 +39,7 @@ from tqdm import tqdm
 from seglab.atomic import atomic_output
 from seglab.data.images import DataError, load_image, open_image
 from seglab.data.labels import IGNORE, distinct_palette, full_palette
-from seglab.data.transforms import CAFFE_MEAN_BGR, EvalTransform, TrainTransform, normalize
+from seglab.data.transforms import CAFFE_MEAN_BGR, EvalTransform
 
 INDEX_MODES = ("P", "L", "1")   # PIL modes whose pixel values are class indices
 
@@ -217,15 +219,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = load_image(self._require(self.image_path(i), "image"))
         label = self.load_label(i, image.shape[:2])
         size = tuple(image.shape[:2])
-        if isinstance(self.transform, TrainTransform):
-            x, y = self.transform(image, label, np.random.default_rng(seed))
-        elif isinstance(self.transform, EvalTransform):
-            x, _ = self.transform(image)
-            y = torch.from_numpy(label.astype(np.int64))
-        elif self.transform is None:
-            x, y = normalize(image), torch.from_numpy(label.astype(np.int64))
-        else:
-            x, y = self.transform(image, label)
+        transform = self.transform or EvalTransform(mode="full")
+        x, y = transform(image, label, np.random.default_rng(seed))
         return {"image": x, "label": y, "id": self.ids[i], "size": size}
 
 

@@ -139,7 +139,10 @@ def voc_padded_size(size: int, pad_to: int = 513, stride: int = 8) -> int:
 
 
 class EvalTransform:
-    """The evaluation transform. Called as `t(image_rgb_uint8)` -> (FloatTensor[3, H', W'], (H, W)).
+    """The evaluation transform. `t.prepare(image_rgb_uint8)` -> (FloatTensor[3, H', W'], (H, W)):
+    the network's input and the original size, to crop predictions back to. As a data set's
+    transform, with the signature every transform has, `t(image, label, rng)` -> (the prepared
+    image, LongTensor[H, W] the label at its original size); rng is unused (no randomness).
 
     mode "voc":  the Caffe test protocol: pad bottom/right with the mean colour to pad_to x pad_to
                  (513: every VOC image fits). A side larger than pad_to is padded to the next size
@@ -148,7 +151,6 @@ class EvalTransform:
     mode "full": the normalised image as it is.
     modes "torchvision", "vainf": resized (and cropped) as those references evaluate
                  (seglab/data/protocols.py), then as it is.
-    (H, W) is the original size, to crop predictions back to.
     """
 
     def __init__(self, mode: str = "voc", pad_to: int = 513, norm: str = "caffe", stride: int = 8):
@@ -161,7 +163,10 @@ class EvalTransform:
     def __repr__(self):
         return f"EvalTransform(mode={self.mode!r}, pad_to={self.pad_to}, norm={self.norm!r})"
 
-    def __call__(self, image: np.ndarray):
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng=None):
+        return self.prepare(image)[0], torch.from_numpy(label.astype(np.int64))
+
+    def prepare(self, image: np.ndarray):
         image = protocol_image(self.mode, image)
         size = tuple(image.shape[:2])
         normalised = normalize_array(image, self.norm)

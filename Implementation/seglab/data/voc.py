@@ -43,7 +43,8 @@ class VOCSegmentation(SegmentationDataset):
     `ds[i]` or `ds[(i, sample_seed)]` -> {"image", "label", "id", "size"}: with a TrainTransform
     the augmentation draws from np.random.default_rng(sample_seed) (seed = i when not given);
     with an EvalTransform the label is the original-size label; with no transform the image is
-    the normalised (Caffe) full image (seglab/data/base.py). The masks hold class indices
+    the normalised (Caffe) full image (seglab/data/base.py: every transform is called as
+    transform(image, label, rng) -> (image, label)). The masks hold class indices
     already: no mapping, and labels.load_label's VOC-specific checks and messages."""
 
     name, classes, how_to_get = "voc", VOC_CLASSES, HOW_TO_GET

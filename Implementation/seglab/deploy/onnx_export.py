@@ -129,7 +129,7 @@ def check_inputs(norm: str, output_stride: int, images=None, sizes=((320, 385), 
                   for k, size in enumerate(sizes)]
     inputs = []
     for image in images:
-        x, _ = EvalTransform(mode="full", norm=norm, stride=output_stride)(image)
+        x, _ = EvalTransform(mode="full", norm=norm, stride=output_stride).prepare(image)
         if fixed_size:
             if x.shape[-2] > fixed_size[0] or x.shape[-1] > fixed_size[1]:
                 raise ExportError(f"a check image of {tuple(x.shape[-2:])} does not fit the "

@@ -45,9 +45,10 @@ def msc_branches(net, x: torch.Tensor, scales, interp: str):
 
 
 def msc_predict(net, image: np.ndarray, transform, scales, interp: str) -> MSCPrediction:
-    """An RGB uint8 image through `net` with MSC. `transform`: image -> (input tensor, (H, W)),
-    e.g. seglab.data.transforms.EvalTransform with the network's input normalisation."""
-    x, size = transform(image)
+    """An RGB uint8 image through `net` with MSC. `transform`: a seglab.data.transforms
+    EvalTransform with the network's input normalisation (its prepare: image -> (input tensor,
+    (H, W)))."""
+    x, size = transform.prepare(image)
     logits, upsampled, fused = msc_branches(net, x[None], scales, interp)
     full = [full_resolution_logits(u[0], x.shape[-2:], size, interp) for u in upsampled + [fused]]
     labels = [f.argmax(0).numpy().astype(np.uint8) for f in full]

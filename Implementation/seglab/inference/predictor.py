@@ -228,7 +228,7 @@ class Predictor:
         recipe's protocol unless given: `mode="voc"` pads bottom/right to `pad_to`, "full" feeds
         the image as is (seglab/data/protocols.py has the others). Returns (labels (H, W) uint8
         numpy array, logits FloatTensor (C, H, W))."""
-        x, size = self.transform(mode, pad_to)(image_rgb)
+        x, size = self.transform(mode, pad_to).prepare(image_rgb)
         full = full_resolution_logits(self.logits(x), tuple(x.shape[-2:]), tuple(size),
                                       interp=self.interp)
         return full.argmax(0).to(torch.uint8).numpy(), full

@@ -8,6 +8,7 @@ before architectures had names still load) through the plain dict `ARCHITECTURES
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from seglab.models import deeplabv2
@@ -97,6 +98,27 @@ def build_model(arch: dict | None = None) -> nn.Module:
         attach(net, groups)
     net.arch = arch
     return net
+
+
+def class_dependent(arch: dict) -> set[str]:
+    """The state_dict keys of `arch` whose shapes change with num_classes: its classifier.
+    Built twice on the meta device (no memory, no init cost); on CPU if a build needs data.
+    With class_groups, rows (not classes) set the shapes."""
+    arch = dict(normalize_arch(arch))
+    groups = arch.pop("class_groups", None)
+    if groups:
+        arch["num_classes"] = sum(groups)
+
+    def shapes(num_classes: int) -> dict:
+        spec = dict(arch, num_classes=num_classes)
+        try:
+            with torch.device("meta"):
+                net = build_model(spec)
+        except (RuntimeError, NotImplementedError, TypeError):
+            net = build_model(spec)
+        return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    a, b = shapes(arch["num_classes"]), shapes(arch["num_classes"] + 1)
+    return {k for k in a if a[k] != b.get(k)}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -32,7 +32,7 @@ class names (seglab/checkpoint.py), each new class can start from the old rows:
 
 Before any training the new network's argmax then reproduces the old model's prediction mapped
 to the new classes as closely as a linear head allows. Which tensors are the classifier is
-found exactly by `init.class_dependent` (the tensors whose shape follows num_classes).
+found exactly by `models.class_dependent` (the tensors whose shape follows num_classes).
 """
 from __future__ import annotations
 

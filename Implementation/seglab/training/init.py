@@ -7,24 +7,23 @@ ImageNet ResNet implies the torchvision block form and ImageNet input normalisat
 Fine-tuning to another class count: a checkpoint of ours trained on another data set (21 VOC
 classes -> your 5) fills every tensor whose name and shape fit. The tensors that do not are
 re-initialised as the architecture builds them, and they may only be its classifier: the tensors
-whose shape depends on num_classes (found exactly, by building the architecture for two class
-counts on the meta device), plus, for converted files that ship without one, the head modules
+whose shape depends on num_classes (models.class_dependent), plus, for converted files that ship without one, the head modules
 `aspp.` / `classifier.` / `head.`. Every re-initialised tensor is named in the line this returns
 (train.py prints it). Any other mismatch (another backbone depth or width, another
-architecture) is an error naming the difference.
+architecture) is an error naming the difference. The loading is weights.common.
+load_across_classes, the one convert.py uses for a file's head of another class count.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from seglab.checkpoint import CheckpointError, check_arch, load_checkpoint
 from seglab.data.labels import VOC_CLASSES
-from seglab.models import architecture, build_model
+from seglab.models import architecture, build_model, class_dependent
 from seglab.training.class_map import (class_groups_of, class_mapping, describe_mapping,
                                        grouped_rows, map_rows, old_scores, parse_class_map,
                                        union_weights)
+from seglab.weights.common import ConversionError, load_across_classes
 from seglab.weights.torchvision_imagenet import load_torchvision_state, torchvision_to_ours
 
 
@@ -73,7 +72,7 @@ def prepare_init(cfg: dict) -> None:
         cfg["model"]["arch"]["style"], cfg["data"]["norm"] = "pytorch", "imagenet"
 
 
-HEAD_PREFIXES = ("aspp.", "classifier.", "head.")
+HEAD_PREFIXES = ("aspp.", "classifier.", "head.")   # the head a converted file may lack
 
 
 def _fill(net, state: dict, where) -> None:
@@ -86,54 +85,18 @@ def _fill(net, state: dict, where) -> None:
                             f"unexpected {unexpected[:3]}")
 
 
-def class_dependent(arch: dict) -> set[str]:
-    """The state_dict keys of `arch` whose shapes change with num_classes: its classifier.
-    Built twice on the meta device (no memory, no init cost); on CPU if a build needs data."""
-    arch = dict(arch)
-    groups = arch.pop("class_groups", None)      # rows, not classes, set the shapes
-    if groups:
-        arch["num_classes"] = sum(groups)
-
-    def shapes(num_classes: int) -> dict:
-        spec = dict(arch, num_classes=num_classes)
-        try:
-            with torch.device("meta"):
-                net = build_model(spec)
-        except (RuntimeError, NotImplementedError, TypeError):
-            net = build_model(spec)
-        return {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    a, b = shapes(arch["num_classes"]), shapes(arch["num_classes"] + 1)
-    return {k for k in a if a[k] != b.get(k)}
-
-
 def fill_across_classes(net, ckpt: dict, where) -> tuple[int, list[str]]:
-    """Copy every tensor of `ckpt` whose name and shape fit `net`; the rest of `net` keeps its
-    fresh init and must be its classifier. Returns (tensors loaded, the re-initialised keys as
-    "name (checkpoint shape -> our shape)")."""
+    """Copy every tensor of `ckpt` whose name and shape fit `net` (weights.common.
+    load_across_classes); the rest of `net` keeps its fresh init and must be its classifier.
+    Returns (tensors loaded, the re-initialised keys as "name (checkpoint shape -> our
+    shape)")."""
     ours = net.arch
     try:  # every option but the class count must match
         check_arch(dict(ckpt, arch=dict(ckpt["arch"], num_classes=ours["num_classes"],
                                          class_groups=ours.get("class_groups"))), ours, where)
-    except CheckpointError as e:
-        raise TrainingError(str(e)) from None
-    state, target = ckpt["model"], net.state_dict()
-    head = class_dependent(ours)
-    fits = {k: v for k, v in state.items()
-            if k in target and tuple(v.shape) == tuple(target[k].shape)}
-    left = [k for k in target if k not in fits and not k.endswith("num_batches_tracked")]
-    stray = [k for k in left
-             if k not in head and not (k not in state and k.startswith(HEAD_PREFIXES))]
-    unexpected = sorted(set(state) - set(target))
-    if stray or unexpected:
-        problems = [f"{k}: checkpoint {tuple(state[k].shape) if k in state else 'has none'}, "
-                    f"model {tuple(target[k].shape)}" for k in stray[:4]]
-        problems += [f"{k}: not in the model" for k in unexpected[:4]]
-        raise TrainingError(f"{where} does not fit the model outside its classifier "
-                            f"({'; '.join(problems)}). Only the class count may differ: use a "
-                            "checkpoint of the same architecture and backbone options.")
-    net.load_state_dict(fits, strict=False)
-    return len(fits), [f"{k} ({tuple(state[k].shape) if k in state else 'absent'} -> "
-                       f"{tuple(target[k].shape)})" for k in left]
+        return load_across_classes(net, ckpt["model"], optional=HEAD_PREFIXES)
+    except (CheckpointError, ConversionError) as e:
+        raise TrainingError(f"{where} {e}" if isinstance(e, ConversionError) else str(e)) from None
 
 
 def stated_classes(ckpt: dict) -> list[str] | None:

@@ -30,7 +30,8 @@ from seglab.device import bf16_supported, select_device
 from seglab.models import architecture, build_model, param_groups
 from seglab.models.msc import MSC
 from seglab.training.distributed import setup_distributed
-from seglab.training.init import TrainingError, load_init
+from seglab.training.distill import build_teacher, plan_distillation, with_distillation
+from seglab.training.init import TrainingError, init_checkpoint, load_init
 from seglab.training.loss import loss_names, loss_weights, training_loss
 from seglab.training.schedule import set_poly_lr
 from seglab.training.state import FINAL, save_training_checkpoint, set_rng_state
@@ -151,8 +152,9 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
     batches = train_loader(dataset, t["batch_per_step"], t["seed"],
                            start=start * t["effective_batch"], num_workers=cfg["data"]["workers"],
                            rank=rank, world_size=world)
+    distill = teacher(cfg, net, dataset, device)
     names = loss_names(spec, cfg["model"]["msc_scales"]) + (
-        ["crf"] if cfg["model"].get("crf_layer") else [])
+        ["crf"] if cfg["model"].get("crf_layer") else []) + (["distill"] if distill else [])
     log = watch = None
     if rank == 0:
         watch = Watch(cfg, run_dir, start, device)   # TensorBoard, periodic validation
@@ -163,7 +165,7 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
               f"{len(dataset)} images ({cfg['data']['train_split']}), {world} process(es) x "
               f"batch {t['batch_per_step']} x {accum} accumulation = effective batch "
               f"{t['effective_batch']}, device {device}", file=sys.stderr)
-    step = Step(cfg, model, optimizer, spec, device, accum, world, names)
+    step = Step(cfg, model, optimizer, spec, device, accum, world, names, distill)
     bar = tqdm(total=t["iterations"], initial=start, disable=(rank != 0 or not show_progress),
                desc="train", dynamic_ncols=True)
     it, t0 = start, time.time()
@@ -233,10 +235,22 @@ def crf_loss(cfg: dict, loss, device):
         norm = architecture(cfg["model"]["name"]).input_norm
 
     def total(outputs, label, image):
-        value, parts = loss(outputs, label)
+        value, parts = loss(outputs, label, image)
         crf = crf_training_loss(outputs, label, denormalize(image, norm), layer)
         return value + crf, list(parts) + [crf]
     return total
+
+
+def teacher(cfg: dict, net, dataset, device):
+    """(lambda_o, classes, frozen teacher) when this run distils from its class-mapped init
+    (training/distill.py), else None."""
+    weight, classes = plan_distillation(cfg, dataset, init_checkpoint(cfg))
+    if weight <= 0:
+        return None
+    network = build_teacher(cfg, net.arch, dataset, device)
+    if cfg["train"]["channels_last"] and device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last)
+    return weight, classes, network
 
 
 class Step:
@@ -244,7 +258,7 @@ class Step:
     total loss, the loss of each output as a float64 tensor), averaged over micro-batches and
     processes."""
 
-    def __init__(self, cfg, model, optimizer, spec, device, accum, world, names):
+    def __init__(self, cfg, model, optimizer, spec, device, accum, world, names, distill=None):
         t = cfg["train"]
         self.model, self.optimizer, self.device, self.accum, self.world = (model, optimizer,
                                                                            device, accum, world)
@@ -252,13 +266,18 @@ class Step:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
             if t["precision"] == "bf16" else contextlib.nullcontext
         crf = cfg["model"].get("crf_layer")
-        network = loss_weights(spec, names[:-1] if crf else names, t["aux_weight"])
-        weights = network + ([1.0] if crf else [])
-        self.loss = lambda outputs, y: training_loss(  # noqa: E731
+        extra = int(bool(crf)) + int(distill is not None)   # parts after the network's own
+        network = loss_weights(spec, names[:len(names) - extra], t["aux_weight"])
+        weights = network + ([1.0] if crf else []) + ([distill[0]] if distill else [])
+        loss = lambda outputs, y, x: training_loss(  # noqa: E731
             outputs, y, spec, t["loss_targets"], cfg["model"]["interp"], network)
-        self.names = names
+        if crf:
+            loss = crf_loss(cfg, loss, device)
+        if distill:   # (weight, classes, teacher): training/distill.py
+            loss = with_distillation(loss, distill[2], distill[1], t["distill_temperature"],
+                                     distill[0])
+        self.loss, self.names = loss, names
         self.weights = torch.tensor(weights, dtype=torch.float64)
-        self.crf = crf_loss(cfg, self.loss, device) if crf else None
 
     def __call__(self, micro_batches, it: int, run_dir: Path) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -273,8 +292,7 @@ class Step:
             with sync:
                 with self.autocast():
                     outputs = self.model(x)
-                total, parts = self.loss(outputs, y) if self.crf is None else self.crf(
-                    outputs, y, x)
+                total, parts = self.loss(outputs, y, x)
                 (total / self.accum).backward()
             parts_sum += torch.tensor([p.item() for p in parts], dtype=torch.float64) / self.accum
         if self.world > 1:

@@ -31,6 +31,9 @@ RECIPE = {"msc_scales": [0.75, 0.5], "msc_fusion": "max", "interp": "caffe", "mo
           "pad_to": 513, "source": "DeepLab v2 Caffe release, test.prototxt of "
           "prototxt_and_model.zip (MSC 1/0.75/0.5 max, Interp, crop 513 padded with the mean)"}
 LABELS = {21: "voc"}    # the class count of a head -> the data set whose classes it predicts
+# The input normalisation the weights expect (checkpoint `input_norm`): the Caffe release's data
+# layer: BGR 0..255 minus the mean.
+INPUT_NORM = "caffe"
 
 MSC_COPIES = ("res05", "res075")  # Caffe layers of the 0.5x / 0.75x branches: shared weights
 BRANCHES = {"2a": "reduce", "2b": "conv3x3", "2c": "increase", "1": "shortcut"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from seglab.checkpoint import FORMATS_READ, CheckpointError, safe_load
-from seglab.models import unwrap
+from seglab.models import class_dependent, unwrap
 
 
 class ConversionError(ValueError):
@@ -53,6 +53,36 @@ def merge_into(net, mapped: dict, required_prefix: str = "") -> tuple[dict, list
         raise ConversionError(f"{len(required)} tensors of the model are missing from the file: "
                               f"{required[:5]}")
     return target, unfilled
+
+
+def load_across_classes(net, state: dict, optional=()) -> tuple[int, list[str]]:
+    """Copy into `net` every tensor of `state` whose name and shape fit. What keeps the fresh
+    init may only be the classifier (models.class_dependent: the tensors whose shape follows the
+    class count, re-initialised when `state` has another count) and keys under the `optional`
+    prefixes that `state` lacks (a file shipped without that head). Returns (tensors loaded,
+    the re-initialised keys as "name (file shape -> our shape)"); any other misfit (another
+    backbone, another architecture) is a ConversionError naming it.
+
+    The one loader across class counts: convert.py's torchvision / VainF files (their COCO or
+    VOC heads onto another --num-classes) and train.py's --init (training/init.py)."""
+    head = class_dependent(unwrap(net).arch)
+    target = unwrap(net).state_dict()
+    fits = {k: v for k, v in state.items()
+            if k in target and tuple(v.shape) == tuple(target[k].shape)}
+    left = [k for k in target if k not in fits and not k.endswith("num_batches_tracked")]
+    stray = [k for k in left if k not in head and not (k not in state and
+                                                       k.startswith(tuple(optional)))]
+    unexpected = sorted(set(state) - set(target))
+    if stray or unexpected:
+        problems = [f"{k}: file {tuple(state[k].shape) if k in state else 'has none'}, "
+                    f"model {tuple(target[k].shape)}" for k in stray[:4]]
+        problems += [f"{k}: not in the model" for k in unexpected[:4]]
+        raise ConversionError(f"does not fit the model outside its classifier "
+                              f"({'; '.join(problems)}). Only the class count may differ: use a "
+                              "checkpoint of the same architecture and backbone options.")
+    unwrap(net).load_state_dict(fits, strict=False)
+    return len(fits), [f"{k} ({tuple(state[k].shape) if k in state else 'absent'} -> "
+                       f"{tuple(target[k].shape)})" for k in left]
 
 
 def load_torch_state(path, wrappers=("state_dict", "model"), safe_globals=()) -> dict:

@@ -43,6 +43,9 @@ RECIPE = {"msc_scales": [], "msc_fusion": "max", "interp": "caffe", "mode": "ful
           "pad_to": 513, "source": "FCN Caffe release, fcn.berkeleyvision.org score.py (whole "
           "image, one scale)"}
 LABELS = {21: "voc"}
+# The input normalisation the weights expect (checkpoint `input_norm`): the FCN Caffe release: BGR
+# 0..255 minus the mean.
+INPUT_NORM = "caffe"
 HEAD = ("score_fr", "score_pool4", "score_pool3", "upscore2", "upscore_pool4", "upscore8",
         "upscore16", "upscore")
 SKIP_SCALES = {"scale_pool4": 0.01, "scale_pool3": 0.0001}
@@ -140,7 +143,6 @@ def convert(args) -> dict:
     arch, head_fits = infer_fcn_arch(layers, args.num_classes)
     net = build_model(arch)
     result = fcn_caffe_to_ours(layers, net, head_fits, getattr(args, "allow_partial", False))
-    args.trained_on = args.trained_on or "trainval_aug"
-    args.source = str(Path(args.input))
     return dict(arch=net.arch, state_dict=result["state_dict"], filled=len(result["filled"]),
-                skipped=[], dropped=result["dropped"], missing=result["missing"])
+                skipped=[], dropped=result["dropped"], missing=result["missing"],
+                trained_on="trainval_aug")

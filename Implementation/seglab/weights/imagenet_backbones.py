@@ -35,6 +35,9 @@ from seglab.weights.common import (ConversionError, add_num_batches_tracked, blo
                                    load_torch_state,
                                    merge_into)
 
+# The input normalisation the weights expect (checkpoint `input_norm`): torchvision's ImageNet
+# training: RGB 0..1, ImageNet mean/std.
+INPUT_NORM = "imagenet"
 HELP = ("NAME=FILE: torchvision ImageNet weights (vgg16, vgg16_bn, resnet*, densenet*) as the "
         "backbone of NAME (fcn*_vgg16, segnet_vgg16bn, pspnet_resnet101, gcn_resnet152, "
         "duc_hdc_resnet101, fcn*_resnet152, fcn*_densenet201); FILE may be `download`")
@@ -170,10 +173,11 @@ def convert(args) -> dict:
     name, base, classes = target(given)
     kind = family(name)
     if path == "download":
-        sd, args.source = _download(name, kind)
+        sd, source = _download(name, kind)
+        found = dict(source=source, sha256=None)
     else:
         sd = load_torch_state(path)
-        args.source, args.source_sha256 = path, sha256(path)
+        found = dict(source=path, sha256=sha256(path))
     mapped, dropped, options, required = imagenet_to_ours(name, sd)
     add_num_batches_tracked(mapped)
     if "frozen_bn" in architecture(name).defaults():
@@ -182,6 +186,6 @@ def convert(args) -> dict:
                                num_classes=args.num_classes or classes))
     torch.manual_seed(args.seed)
     state, missing = merge_into(build_model(arch), mapped, required_prefix=required)
-    args.trained_on = args.trained_on or "imagenet"
     return dict(arch=arch, state_dict=state, filled=len(mapped), skipped=[], dropped=dropped,
-                missing=[k for k in missing if not k.endswith("num_batches_tracked")])
+                missing=[k for k in missing if not k.endswith("num_batches_tracked")],
+                trained_on="imagenet", **found)

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from seglab.checkpoint import atomic_save, load_checkpoint
+from seglab.checkpoint import atomic_save, load_checkpoint, sha256
 from seglab.models import build_model
 from seglab.models.resnet import DEPTHS, caffe_block_names
 from seglab.weights.deeplabv2_arch import ASPP_RATES, infer_arch
@@ -80,6 +80,9 @@ RECIPE = {"msc_scales": [0.75, 0.5], "msc_fusion": "max", "interp": "pytorch", "
           "pad_to": 513, "source": "kazuto1011/deeplab-pytorch configs/voc12.yaml (MODEL.SCALES "
           "0.5, 0.75) and main.py test (whole image, F.interpolate)"}
 LABELS = {21: "voc"}
+# The input normalisation the weights expect (checkpoint `input_norm`): the port keeps the Caffe
+# input: BGR 0..255 minus the mean.
+INPUT_NORM = "caffe"
 
 
 def convert(args) -> dict:
@@ -100,4 +103,4 @@ def to_published(args) -> dict:
     sd = ours_to_published(ckpt["model"])
     atomic_save(sd, args.output)
     return dict(converter="pth --to-published", source=str(args.input),
-                sha256=args.source_sha256, keys=len(sd), trained_on=ckpt.get("trained_on"))
+                sha256=sha256(args.input), keys=len(sd), trained_on=ckpt.get("trained_on"))

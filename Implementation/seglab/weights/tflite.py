@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seglab.checkpoint import sha256
 from seglab.models import build_model
 from seglab.models.deeplabv3_mnv2_tf import STEM_CHANNELS, scaled_channels
 from seglab.weights.common import ConversionError, merge_into
@@ -73,6 +74,9 @@ RECIPE = {"msc_scales": [], "msc_fusion": "mean", "interp": "caffe", "mode": "vo
           "source": "TensorFlow DeepLab eval.py (eval_scales 1.0, eval_crop_size 513x513, no "
           "flip; local_test_mobilenetv2.sh, g3doc/model_zoo.md)"}
 LABELS = {21: "voc"}
+# The input normalisation the weights expect (checkpoint `input_norm`): TF DeepLab's MobileNetV2
+# preprocessing: RGB scaled to [-1, 1].
+INPUT_NORM = "tf"
 MULTIPLIERS = (1.0, 0.5, 0.75, 0.35, 1.3, 1.4)   # MobileNetV2's published depth multipliers
 ACTIVATION = {0: None, 1: "relu", 3: "relu6"}   # TF Lite ActivationFunctionType -> ours
 DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8}
@@ -347,7 +351,7 @@ def describe_input(graph: Graph) -> dict:
 
 def convert(args) -> dict:
     """convert.py's contract: dict(arch, state_dict, filled, skipped, dropped, missing), plus the
-    facts about the file (args.trained_on is set where the release is known)."""
+    facts about the file (provenance; trained_on where the release is known by its sha256)."""
     graph = read_tflite(args.input)
     arch = infer_arch(graph, args.num_classes)
     try:
@@ -355,14 +359,12 @@ def convert(args) -> dict:
     except ValueError as e:
         raise ConversionError(f"{args.input}: {e}") from None
     state_dict, dropped = graph_to_state_dict(graph, net, args.input)
-    release, trained_on, known = RELEASES.get(getattr(args, "source_sha256", None) or "",
+    release, trained_on, known = RELEASES.get(sha256(args.input),
                                               (None, None, "unknown: not one of the releases "
                                                "this converter knows; pass --trained-on"))
-    if args.trained_on is None:
-        args.trained_on = trained_on
-    args.tflite = dict(release=release, trained_on_note=known, **describe_input(graph),
-                       operators=len(graph.ops), quantized=graph.tensors[graph.inputs[0]].scale
-                       is not None)
-    print(f"{args.input}: {args.tflite}")
+    facts = dict(release=release, trained_on_note=known, **describe_input(graph),
+                 operators=len(graph.ops), quantized=graph.tensors[graph.inputs[0]].scale
+                 is not None)
+    print(f"{args.input}: {facts}")
     return dict(arch=arch, state_dict=state_dict, filled=len(state_dict), skipped=[],
-                dropped=dropped, missing=[], provenance=args.tflite)
+                dropped=dropped, missing=[], provenance=facts, trained_on=trained_on)

@@ -18,6 +18,9 @@ from seglab.weights.common import (ConversionError, add_num_batches_tracked, blo
                                    load_torch_state, merge_into)
 from seglab.weights.deeplabv2_arch import infer_arch
 
+# The input normalisation the weights expect (checkpoint `input_norm`): torchvision's ImageNet
+# training: RGB 0..1, ImageNet mean/std.
+INPUT_NORM = "imagenet"
 
 TORCHVISION_UNITS = {"conv1": "reduce.conv", "bn1": "reduce.bn", "conv2": "conv3x3.conv",
                      "bn2": "conv3x3.bn", "conv3": "increase.conv", "bn3": "increase.bn",
@@ -66,9 +69,10 @@ def load_torchvision_state(source) -> dict:
 
 
 def convert(args) -> dict:
+    found = {}
     if args.input == "download":
-        sd, args.source, cached = _torchvision_download()
-        args.source_sha256 = sha256(cached) if cached.is_file() else None
+        sd, source, cached = _torchvision_download()
+        found = dict(source=source, sha256=sha256(cached) if cached.is_file() else None)
     else:
         sd = load_torchvision_state(args.input)
     mapped = torchvision_to_ours(sd)
@@ -77,4 +81,5 @@ def convert(args) -> dict:
     state, missing = merge_into(build_model(arch), mapped, required_prefix="backbone.")
     return dict(arch=arch, state_dict=state, filled=len(mapped), skipped=[],
                 dropped=[f"{k} (ImageNet classifier)" for k in sd if k.startswith("fc.")],
-                missing=[k for k in missing if not k.endswith("num_batches_tracked")])
+                missing=[k for k in missing if not k.endswith("num_batches_tracked")],
+                trained_on="imagenet", **found)

@@ -42,9 +42,9 @@ except ImportError:  # pragma: no cover
     from numpy.core.multiarray import scalar as numpy_scalar
 
 from seglab.checkpoint import FORMATS_READ
-from seglab.models import ARCHITECTURES, build_model, normalize_arch
+from seglab.models import ARCHITECTURES, build_model, class_dependent, normalize_arch
 from seglab.weights.common import (ConversionError, add_num_batches_tracked, blocks_per_stage,
-                                   load_torch_state, merge_into)
+                                   load_across_classes, load_torch_state)
 
 # Plain data that training scripts put next to the weights: numpy scalars (VainF's best_score,
 # pickled by numpy 1 or 2, whose names differ), argparse.Namespace (torchvision's reference
@@ -56,6 +56,9 @@ RECIPE = {"msc_scales": [], "msc_fusion": "max", "interp": "caffe", "mode": "tor
           "pad_to": 513, "source": "torchvision references/segmentation (train.py --test-only: "
           "shorter side resized to 520, one scale)"}
 LABELS = {21: "voc"}    # a COCO subset with the 20 VOC categories
+# The input normalisation the weights expect (checkpoint `input_norm`): torchvision's references:
+# RGB 0..1, ImageNet mean/std.
+INPUT_NORM = "imagenet"
 SAFE_GLOBALS = [(numpy_scalar, "numpy.core.multiarray.scalar"),
                 (numpy_scalar, "numpy._core.multiarray.scalar"), np.dtype, argparse.Namespace] + [
     getattr(np.dtypes, t) for t in ("Float64DType", "Float32DType", "Int64DType")
@@ -99,36 +102,27 @@ def identify(state_dict: dict) -> str | None:
     return None
 
 
-def class_tensors(name: str) -> set[str]:
-    """The keys of architecture `name` whose shape depends on the number of classes."""
-    with torch.device("meta"):
-        a = build_model({"name": name, "num_classes": 3}).state_dict()
-        b = build_model({"name": name, "num_classes": 4}).state_dict()
-    return {k for k in a if a[k].shape != b[k].shape}
-
-
 def load_with_classes(arch: dict, mapped: dict, seed: int, optional=()) -> dict:
-    """Our network of `arch` with `mapped` loaded. Tensors for another class count are not
-    loaded (re-initialised, seeded); model tensors the file lacks may only be those under the
+    """Our network of `arch` (seeded) with `mapped` loaded across class counts
+    (common.load_across_classes): a class tensor for another count is dropped and
+    re-initialised; model tensors the file lacks may only be the classifier's or those under the
     `optional` prefixes. Returns the converter's dict (state_dict, filled, dropped, missing)."""
-    classes = class_tensors(arch["name"])
     n = arch["num_classes"]
-    dropped = []
-    for key in sorted(classes & set(mapped)):
-        if mapped[key].shape[0] != n:
-            dropped.append(f"{key} {tuple(mapped[key].shape)} (the file has "
-                           f"{mapped[key].shape[0]} classes, {n} requested: re-initialised)")
-            del mapped[key]
-    filled = len(mapped)
+    dropped = [f"{key} {tuple(mapped[key].shape)} (the file has {mapped[key].shape[0]} classes, "
+               f"{n} requested: re-initialised)"
+               for key in sorted(class_dependent(arch) & set(mapped)) if mapped[key].shape[0] != n]
+    filled = len(mapped) - len(dropped)
     torch.manual_seed(seed)
+    net = build_model(arch)
     add_num_batches_tracked(mapped)
-    state, unfilled = merge_into(build_model(arch), mapped, required_prefix="backbone.")
-    missing = [k for k in unfilled if not k.endswith("num_batches_tracked")]
-    required = [k for k in missing if k not in classes and not k.startswith(tuple(optional))]
-    if required:
-        raise ConversionError(f"{len(required)} tensors of {arch['name']} are missing from the "
-                              f"file: {required[:5]}")
-    return dict(state_dict=state, filled=filled, dropped=dropped, missing=missing)
+    try:
+        load_across_classes(net, mapped, optional)
+    except ConversionError as e:
+        raise ConversionError(f"the file of {arch['name']} {e}") from None
+    state = net.state_dict()
+    missing = [k for k in state if k not in mapped or mapped[k].shape != state[k].shape]
+    return dict(state_dict=state, filled=filled, dropped=dropped,
+                missing=[k for k in missing if not k.endswith("num_batches_tracked")])
 
 
 def load_backbone_only(mapped: dict, dropped: list, name: str, args, optional=()) -> dict:
@@ -138,13 +132,13 @@ def load_backbone_only(mapped: dict, dropped: list, name: str, args, optional=()
     arch = dict(name=name, num_classes=args.num_classes or 21)
     result = load_with_classes(arch, mapped, args.seed, optional=optional)
     result["dropped"] = dropped
-    args.trained_on = args.trained_on or "imagenet"
-    return dict(arch=normalize_arch(arch), skipped=[], **result)
+    return dict(arch=normalize_arch(arch), skipped=[], trained_on="imagenet", **result)
 
 
 def file_classes(mapped: dict, name: str) -> int:
     """The class count of a file: the first dimension of its class-dependent tensors."""
-    shapes = {mapped[k].shape[0] for k in class_tensors(name) if k in mapped}
+    heads = class_dependent({"name": name, "num_classes": 3})
+    shapes = {mapped[k].shape[0] for k in heads if k in mapped}
     if len(shapes) != 1:
         raise ConversionError(f"cannot tell the number of classes of the file ({name}): class "
                               f"tensors with first dimensions {sorted(shapes)}")
@@ -201,5 +195,4 @@ def convert(args) -> dict:
                               "NAME=FILE, VainF's checkpoints through `convert.py vainf`")
     arch = dict(name=name, num_classes=args.num_classes or file_classes(sd, name))
     result = load_with_classes(arch, dict(sd), args.seed, optional=("aux_classifier.",))
-    args.trained_on = args.trained_on or "coco"
-    return dict(arch=normalize_arch(arch), skipped=[], **result)
+    return dict(arch=normalize_arch(arch), skipped=[], trained_on="coco", **result)

@@ -47,6 +47,9 @@ RECIPE = {"msc_scales": [], "msc_fusion": "max", "interp": "caffe", "mode": "vai
           "pad_to": 513, "source": "VainF/DeepLabV3Plus-Pytorch main.py --crop_val (README: "
           "resize 513, centre crop 513, one scale)"}
 LABELS = {21: "voc", 19: "cityscapes"}
+# The input normalisation the weights expect (checkpoint `input_norm`): VainF's transforms: RGB
+# 0..1, ImageNet mean/std.
+INPUT_NORM = "imagenet"
 HELP = ("a VainF/DeepLabV3Plus-Pytorch checkpoint (best_deeplabv3plus_resnet101_voc_os16.pth, "
         "...; the architecture is read from its keys), or NAME=FILE: an ImageNet "
         "ResNet/MobileNetV2 file as the backbone of NAME")
@@ -123,5 +126,5 @@ def convert(args) -> dict:
     result = load_with_classes(arch, dict(sd), args.seed)
     result["provenance"] = dict(output_stride=why)
     if "voc" in Path(str(path)).name.lower():
-        args.trained_on = args.trained_on or "train_aug"
+        result["trained_on"] = "train_aug"
     return dict(arch=normalize_arch(arch), skipped=[], **result)
