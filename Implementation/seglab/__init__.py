@@ -11,7 +11,8 @@ scripts in Implementation/.
                evaluation protocols, loaders, the up-front split check
   models/      the architectures behind one seam (spec.py), MSC, the resizing conventions, the
                exact inference rewrites of their modules (rewrites.py)
-  training/    the loss, the poly schedule, the training loop, init weights, resumable state
+  training/    the loss, the poly schedule, the training loop, init weights (class-mapped
+               from a checkpoint's classes), distillation from that init, resumable state
   evaluation/  metrics, the logit cache, the evaluation of a model on a split
   densecrf/    stage two: the fully connected CRF (pydensecrf and a pure-PyTorch lattice),
                its parallel runner and its parameter search

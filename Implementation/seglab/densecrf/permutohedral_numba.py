@@ -6,30 +6,21 @@ Why hand-written. `permutohedral.py` expresses splat, blur and slice as whole-te
 field adds whole passes over (N, C) tensors (messages, energies, exp, sums); no library offers
 the lattice. Here each step is a loop compiled for this CPU with the C labels of a row
 contiguous (the inner, vectorised dimension; rows padded to whole 8-float vectors), and what
-the tensor ops cannot fuse is fused:
+the tensor ops cannot fuse is fused. The parts, one job a file:
 
-* construction, all in compiled loops (the tensor-op lattice sorts): the enclosing simplex of
-  each point; its vertices coded as one integer (a mixed radix of the first d lattice
-  coordinates) and numbered in first-use order by one hash table (a direct table when the
-  code range is small: the position-only kernel), the C++ hash table's order, so `vertex`
-  equals `PermutohedralLattice.vertex`; the blur neighbours n1 = key - 1 but key_j + d (a
-  constant code offset per axis j, looked up) and n2 = key + 1 but key_j - d (n1's inverse);
-* blur: new = own + (n1 + n2) / 2 along each axis with the neighbour table (absent neighbours
-  read a zero row). Where every neighbour lies within a few thousand rows (the position-only
-  lattice, built row by row) the d+1 passes run in one sweep, each a fixed lag behind the
-  previous one and writing a small ring buffer that stays in cache: the lattice crosses
-  memory once, not d+1 times. The colour lattice links vertices created far apart, so there
-  the passes run one after another;
-* slice + mean-field update + splat, one loop over the pixels: slice both kernels' blurred
-  lattices at the pixel (barycentric weight x alpha x normalisation x Potts weight, folded
-  into one weight), add -U, exp and normalise (`_exp`: a float32 exp that vectorises; numba's
-  calls libm per value), and splat the new Q row straight into both lattices for the next
-  iteration. A vertex's first splat in pixel order is its first use, so the splat overwrites
-  the stale row there instead of adding, and no lattice is ever zeroed. The message, energy
-  and Q tensors of the tensor-op mean field are never written; only the final Q is;
-* software prefetch (`_prefetch_row`) of the rows met through the neighbour table and of the
-  colour lattice's rows a few pixels ahead: addresses no hardware prefetcher guesses (what
-  fbgemm's embedding-bag kernels do for the tensor-op lattice).
+* construction, all in compiled loops: `numba_lattice.py` (the enclosing simplices, the
+  vertices numbered in the C++ hash table's first-use order, the blur neighbours);
+* blur, the plain filter and the software prefetch: `numba_filter.py` (the d+1 passes in one
+  cache-resident sweep where the lattice allows it, else one after another);
+* here: slice + mean-field update + splat, one loop over the pixels: slice both kernels'
+  blurred lattices at the pixel (barycentric weight x alpha x normalisation x Potts weight,
+  folded into one weight), add -U, exp and normalise (`_exp`: a float32 exp that vectorises;
+  numba's calls libm per value), and splat the new Q row straight into both lattices for the
+  next iteration. A vertex's first splat in pixel order is its first use, so the splat
+  overwrites the stale row there instead of adding, and no lattice is ever zeroed. The
+  message, energy and Q tensors of the tensor-op mean field are never written; only the final
+  Q is. The colour lattice's rows are prefetched a few pixels ahead. With the Python side:
+  `NumbaLattice`, `NumbaKernel`, `mean_field`, `dense_crf`.
 
 Arithmetic follows Krähenbühl's `permutohedral.cpp` (the float32 elevation, rounding, rank and
 barycentric weights, the splat order, the blur kernel [1/2, 1, 1/2], alpha = 1 / (1 + 2^-d)),
@@ -58,20 +49,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# numba's disk cache checks only this file's date: after editing _prefetch_row or _AHEAD_PIXELS
+# there, touch this file (or clear __pycache__) so that _update_range compiles again
+from seglab.densecrf.numba_filter import (_AHEAD_PIXELS, _PIPE_WINDOW, _blur, _filter,
+                                          _prefetch_row, _scratch_shape, _window)
+from seglab.densecrf.numba_lattice import _neighbours, _simplices, _vertices
+
 try:
     import numba
     from llvmlite import ir
     from numba import njit, prange, types
-    from numba.core import cgutils
     from numba.extending import intrinsic
 except ImportError:                      # the backend then says so (`require`)
     numba = None
 
 AVAILABLE = numba is not None
 _EXP_SAFE = 64.0           # as torch_crf: exp(64) * labels is far below float32's maximum
-_PIPE_WINDOW = 8192        # the pipelined blur's largest lag (rows): rings of 3 lags stay cached
-_AHEAD_ROWS = 16           # software prefetch distance: blur rows ahead ...
-_AHEAD_PIXELS = 4          # ... and pixels ahead (measured best here, 15-25% faster loops)
 
 
 def require() -> None:
@@ -86,426 +79,6 @@ if numba is None:                                          # stubs: importing ne
         return (lambda f: f) if not (len(args) == 1 and callable(args[0])) else args[0]
     intrinsic = njit
     prange = range
-    cgutils = None
-
-
-# ------------------------------------------------------------------------------------ building
-
-@njit(cache=True, fastmath=False)
-def _simplices(features, scale, down):
-    """Per point: the nearest remainder-0 point (first d coordinates), the rank of each
-    coordinate (d+1) and the barycentric weights (d+1), in the C++'s float32 order; with the
-    per-coordinate min and max of the remainder-0 points (the code layout), and whether
-    every elevated coordinate was small enough to round exactly (|y / (d+1)| < 2^22)."""
-    n, d = features.shape
-    rem_out = np.empty((n, d), np.int32)
-    rank_out = np.empty((n, d + 1), np.int8)
-    bary_out = np.empty((n, d + 1), np.float32)
-    lo = np.full(d, 2 ** 30, np.int64)
-    hi = np.full(d, -2 ** 30, np.int64)
-    elev = np.empty(d + 1, np.float32)
-    res = np.empty(d + 1, np.float32)
-    rem = np.empty(d + 1, np.int64)
-    rk = np.empty(d + 1, np.int64)
-    b = np.empty(d + 2, np.float32)
-    big = np.float32(12582912.0)             # 1.5 * 2^23: x + big - big rounds half to even
-    ok = True
-    for p in range(n):
-        sm = np.float32(0.0)
-        for j in range(d, 0, -1):                       # elevate: y = E f
-            cf = features[p, j - 1] * scale[j - 1]
-            elev[j] = sm - np.float32(j) * cf
-            sm = sm + cf
-        elev[0] = sm
-        total = 0
-        for i in range(d + 1):                          # nearest remainder-0 point (SSE's
-            x = elev[i] * down                          # round half to even)
-            ok = ok and abs(x) < np.float32(4194304.0)
-            v = np.int64((x + big) - big)
-            rem[i] = v * (d + 1)
-            total += v
-        for i in range(d + 1):
-            res[i] = elev[i] - np.float32(rem[i])
-            rk[i] = total
-        for i in range(d):                              # rank, largest residual first
-            for j in range(i + 1, d + 1):
-                lower = np.int64(res[i] < res[j])
-                rk[i] += lower
-                rk[j] += 1 - lower
-        for i in range(d + 1):                          # back onto the plane
-            if rk[i] < 0:
-                rk[i] += d + 1
-                rem[i] += d + 1
-            elif rk[i] > d:
-                rk[i] -= d + 1
-                rem[i] -= d + 1
-        for i in range(d + 2):
-            b[i] = np.float32(0.0)
-        for i in range(d + 1):                          # barycentric (p. 10 of Adams et al.)
-            v32 = (elev[i] - np.float32(rem[i])) * down
-            b[d - rk[i]] += v32
-            b[d - rk[i] + 1] -= v32
-        b[0] = np.float32(np.float64(b[0]) + (1.0 + np.float64(b[d + 1])))
-        for i in range(d + 1):
-            rank_out[p, i] = rk[i]
-            bary_out[p, i] = b[i]
-        for i in range(d):
-            rem_out[p, i] = rem[i]
-            lo[i] = min(lo[i], rem[i])
-            hi[i] = max(hi[i], rem[i])
-    return rem_out, rank_out, bary_out, lo, hi, ok
-
-
-@njit(cache=True, fastmath=False, inline="always")
-def _slot(code, mask, bits):
-    """Multiplicative hash (Knuth) of an int64 code onto 2^bits slots."""
-    h = np.uint64(code) * np.uint64(0x9E3779B97F4A7C15)
-    return np.int64(h >> np.uint64(64 - bits)) & mask
-
-
-@njit(cache=True, fastmath=False, inline="always")
-def _find(code, direct, table, bits):
-    """Vertex number of `code`, -1 if absent: direct (R,) int32 indexed by code, if not
-    empty; else table (slots, 2) int64 rows (code, vertex), code -1 = empty slot (open
-    addressing, linear probing)."""
-    if direct.shape[0] > 0:
-        return np.int64(direct[code])
-    mask = (np.int64(1) << bits) - 1
-    s = _slot(code, mask, bits)
-    while True:
-        k = table[s, 0]
-        if k == code:
-            return table[s, 1]
-        if k == -1:
-            return -1
-        s = (s + 1) & mask
-
-
-@njit(cache=True, fastmath=False)
-def _vertices(rem, rank, lo, strides, code_range, direct):
-    """Number the vertices of every point's simplex in first-use order (points ascending,
-    then vertex k = 0..d of each: the C++ hash table's order): vertex (N, d+1) int32, codes
-    (M,) int64, and the lookup table for `_find`.
-
-    Vertex k of a point is its remainder-0 point plus the canonical simplex's vertex k
-    permuted by rank: coordinate i gains k, less d+1 where rank_i > d - k, so its code is
-    base + k * sum(strides) - (d+1) * (the strides of the coordinates ranked above d - k)."""
-    n, d = rem.shape
-    vertex = np.empty((n, d + 1), np.int32)
-    codes = np.empty(n * (d + 1), np.int64)
-    total = np.int64(0)
-    for i in range(d):
-        total += strides[i]
-    if direct:
-        bits = 0
-        table = np.full((0, 2), -1, np.int64)
-        direct_table = np.full(code_range, -1, np.int32)
-    else:
-        bits = 16
-        table = np.full((1 << bits, 2), -1, np.int64)
-        direct_table = np.full(0, -1, np.int32)
-    mask = (np.int64(1) << bits) - 1
-    m = 0
-    last = np.full(d + 1, -1, np.int64)                 # the previous point's codes
-    last_id = np.zeros(d + 1, np.int32)
-    by_rank = np.zeros(d + 1, np.int64)
-    for p in range(n):
-        base = np.int64(0)
-        for r in range(d + 1):
-            by_rank[r] = 0
-        for i in range(d):
-            base += (rem[p, i] - lo[i]) * strides[i]
-            by_rank[rank[p, i]] = strides[i]
-        drop = np.int64(0)
-        for k in range(d + 1):
-            if k > 0:
-                drop += by_rank[d - k + 1]
-            code = base + k * total - (d + 1) * drop
-            if code == last[k]:
-                vertex[p, k] = last_id[k]
-                continue
-            if direct:
-                v = direct_table[code]
-                if v < 0:
-                    v = m
-                    direct_table[code] = v
-                    codes[m] = code
-                    m += 1
-            else:
-                s = _slot(code, mask, bits)
-                while True:
-                    key = table[s, 0]
-                    if key == code:
-                        v = table[s, 1]
-                        break
-                    if key == -1:
-                        v = m
-                        table[s, 0] = code
-                        table[s, 1] = v
-                        codes[m] = code
-                        m += 1
-                        break
-                    s = (s + 1) & mask
-                if 2 * m > mask + 1:                    # keep the load <= 1/2: double
-                    bits += 1
-                    mask = (np.int64(1) << bits) - 1
-                    table = np.full((1 << bits, 2), -1, np.int64)
-                    for u in range(m):
-                        s = _slot(codes[u], mask, bits)
-                        while table[s, 0] != -1:
-                            s = (s + 1) & mask
-                        table[s, 0] = codes[u]
-                        table[s, 1] = u
-            vertex[p, k] = v
-            last[k] = code
-            last_id[k] = v
-    return vertex, codes[:m].copy(), direct_table, table, bits
-
-
-@njit(cache=True, fastmath=False)
-def _neighbours(codes, strides, direct, table, bits):
-    """(d+1, M, 2) int32: n1 and n2 of every vertex along every axis, M where absent. Along
-    axis j, n1 = key - 1 but key_j + d (code - shift_j) is looked up; n2 = key + 1 but
-    key_j - d is its inverse (n2(u) = v where n1(v) = u)."""
-    m = codes.shape[0]
-    d = strides.shape[0]
-    total = np.int64(0)
-    for i in range(d):
-        total += strides[i]
-    nb = np.empty((d + 1, m, 2), np.int32)
-    for j in range(d + 1):
-        shift = total - ((d + 1) * strides[j] if j < d else 0)
-        for v in range(m):
-            nb[j, v, 1] = m
-        for v in range(m):
-            u = _find(codes[v] - shift, direct, table, bits)
-            if u >= 0:
-                nb[j, v, 0] = u
-                nb[j, u, 1] = v
-            else:
-                nb[j, v, 0] = m
-    return nb
-
-
-# ------------------------------------------------------------------------------------ filtering
-
-@intrinsic
-def _prefetch_address(typingctx, address):
-    """Software prefetch of the cache line at an address (LLVM's prefetch: read, keep in all
-    levels), as fbgemm's embedding-bag kernels do: a lattice row met through the neighbour
-    table or a pixel's vertices is at an address no hardware prefetcher can guess."""
-    def codegen(context, builder, signature, args):
-        i8p = ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3)
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        i32 = lambda x: ir.Constant(ir.IntType(32), x)  # noqa: E731
-        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-    return types.void(types.uintp), codegen
-
-
-@njit(cache=True, fastmath=False, inline="always")
-def _prefetch_row(base, row, row_bytes):
-    """Prefetch every cache line of row `row` of a C-contiguous array at address `base`."""
-    start = base + row * row_bytes
-    for off in range(0, row_bytes + 63, 64):
-        _prefetch_address(start + min(off, row_bytes - 1))
-
-
-@njit(cache=True, fastmath=False)
-def _splat(values, vertex, weight, out):
-    """out (M+1, C) += the barycentric-weighted rows of values (N, C) (out zeroed by the caller)."""
-    n, c = values.shape
-    k1 = vertex.shape[1]
-    for p in range(n):
-        for k in range(k1):
-            o = vertex[p, k]
-            w = weight[p, k]
-            for l in range(c):
-                out[o, l] += w * values[p, l]
-
-
-@njit(cache=True, fastmath=False)
-def _slice(values, vertex, weight, out):
-    """out (N, C) = sum over the point's vertices of weight * values row."""
-    n, c = out.shape
-    k1 = vertex.shape[1]
-    for p in range(n):
-        for l in range(c):
-            out[p, l] = np.float32(0.0)
-        for k in range(k1):
-            o = vertex[p, k]
-            w = weight[p, k]
-            for l in range(c):
-                out[p, l] += w * values[o, l]
-
-
-
-@njit(cache=True, fastmath=False)
-def _window(nb, limit):
-    """The largest |neighbour - vertex| of the neighbour table (the pipelined blur's lag),
-    or limit + 1 as soon as it exceeds `limit`."""
-    m = nb.shape[1]
-    window = 0
-    for j in range(nb.shape[0]):
-        for v in range(m):
-            u = nb[j, v, 0]                      # (n2 is n1's inverse: the same distances)
-            if u < m:
-                window = max(window, abs(u - v))
-        if window > limit:
-            return limit + 1
-    return window
-
-
-@njit(cache=True, fastmath=False, inline="always")
-def _blur_rows(v0, v1, j, nb, inp, in_ring, out, out_ring, mask):
-    """Blur vertices v0..v1 along axis j: out[v] = inp[v] + (inp[n1] + inp[n2]) / 2 (the
-    C++'s order). A whole lattice holds vertex x at row x (absent, x = M: row M, zero); a
-    ring at row x & mask (absent: its last row, zero)."""
-    m = nb.shape[1]
-    c = out.shape[1]
-    zero_row = mask + 1
-    half = np.float32(0.5)
-    base, row_bytes = inp.ctypes.data, c * 4
-    for v in range(v0, v1):
-        if not in_ring and v + _AHEAD_ROWS < v1:   # a whole lattice: fetch the neighbours
-            for side in range(2):
-                _prefetch_row(base, nb[j, v + _AHEAD_ROWS, side], row_bytes)
-        a = nb[j, v, 0]
-        b = nb[j, v, 1]
-        iv = v
-        if in_ring:
-            iv = v & mask
-            a = a & mask if a < m else zero_row
-            b = b & mask if b < m else zero_row
-        ov = v & mask if out_ring else v
-        for l in range(c):
-            out[ov, l] = inp[iv, l] + half * (inp[a, l] + inp[b, l])
-
-
-@njit(cache=True, fastmath=False, inline="always")
-def _gather_splats(bufs, slabs, v0, v1):
-    """Add the splat slabs 1..slabs-1 (other threads' pixels) into slab 0, rows v0..v1, and
-    zero them."""
-    c = bufs.shape[2]
-    for t in range(1, slabs):
-        for v in range(v0, v1):
-            for l in range(c):
-                bufs[0, v, l] += bufs[t, v, l]
-                bufs[t, v, l] = np.float32(0.0)
-
-
-@njit(cache=True, fastmath=False)
-def _blur_pipe(bufs, nb, window, rings, reverse):
-    """All d+1 blur passes in one sweep over the vertices (one thread): pass j runs `lag`
-    vertices behind pass j-1 (lag >= window, so the neighbours it reads are done), and
-    passes 0..d-1 write rings of 4 lags (they stay in cache) instead of whole lattices: the
-    lattice streams through memory once instead of d+1 times. Reads slab 0 of bufs (the
-    splat) and writes the result into slab 1."""
-    d1, m = nb.shape[0], nb.shape[1]
-    lag = max(window, 64)
-    mask = rings.shape[1] - 2
-    src, dst = bufs[0], bufs[1]
-    for step in range(0, m + (d1 - 1) * lag, lag):
-        for jp in range(d1):
-            v0 = step - jp * lag
-            if v0 < 0 or v0 >= m:
-                continue
-            v1 = min(v0 + lag, m)
-            j = d1 - 1 - jp if reverse else jp
-            if jp == 0:
-                _blur_rows(v0, v1, j, nb, src, False, rings[0], True, mask)
-            elif jp == d1 - 1:
-                _blur_rows(v0, v1, j, nb, rings[jp - 1], True, dst, False, mask)
-            else:
-                _blur_rows(v0, v1, j, nb, rings[jp - 1], True, rings[jp], True, mask)
-
-
-@njit(cache=True, fastmath=False)
-def _blur_plain(bufs, scratch, nb, reverse):
-    """The d+1 blur passes one after another (one thread), each streaming the lattice: for
-    lattices whose neighbours lie too far apart to pipeline. Reads slab 0 (the splat),
-    writes the result into slab 1; `scratch`: a third lattice."""
-    d1, m = nb.shape[0], nb.shape[1]
-    # the last pass writes slab 1; before it they alternate with slab 0 (free after pass 0),
-    # pass 0 writing the scratch when d+1 is even
-    for jp in range(d1):
-        j = d1 - 1 - jp if reverse else jp
-        to_result = (d1 - 1 - jp) % 2 == 0
-        if jp == 0:
-            _blur_rows(0, m, j, nb, bufs[0], False, bufs[1] if to_result else scratch, False, 0)
-        elif to_result:
-            _blur_rows(0, m, j, nb, scratch if jp == 1 else bufs[0], False, bufs[1], False, 0)
-        else:
-            _blur_rows(0, m, j, nb, bufs[1], False, bufs[0], False, 0)
-
-
-@njit(cache=True, fastmath=False, parallel=True)
-def _blur_parallel(bufs, slabs, scratch, nb, reverse, chunks, first_new):
-    """`_blur_plain` with each pass split into `chunks` parallel pieces; first the splat
-    slabs 1..slabs-1 (per pixel block) are added into slab 0 (and zeroed); last, slab 0's
-    rows from `first_new` on (the vertices pixel block 0 never meets) are zeroed."""
-    d1, m = nb.shape[0], nb.shape[1]
-    for t in prange(chunks):
-        _gather_splats(bufs, slabs, m * t // chunks, m * (t + 1) // chunks)
-    for jp in range(d1):
-        j = d1 - 1 - jp if reverse else jp
-        to_result = (d1 - 1 - jp) % 2 == 0
-        for t in prange(chunks):
-            a, b = m * t // chunks, m * (t + 1) // chunks
-            if jp == 0:
-                _blur_rows(a, b, j, nb, bufs[0], False, bufs[slabs] if to_result else scratch,
-                           False, 0)
-            elif to_result:
-                _blur_rows(a, b, j, nb, scratch if jp == 1 else bufs[0], False, bufs[slabs],
-                           False, 0)
-            else:
-                _blur_rows(a, b, j, nb, bufs[slabs], False, bufs[0], False, 0)
-    for t in prange(chunks):
-        a, b = m * t // chunks, m * (t + 1) // chunks
-        bufs[0, max(a, first_new):max(b, first_new)] = 0.0
-
-
-def _scratch_shape(lattice, c: int, threads: int) -> tuple:
-    """The blur's third buffer: the pipelined blur's d rings (a power of two >= 3 lags of
-    rows, plus a zero row), or the pass-by-pass blur's scratch lattice (row M zero)."""
-    nb = lattice._nb
-    if lattice.pipelined and threads == 1:
-        size = 1 << max(6, math.ceil(math.log2(3 * max(lattice._window, 64) + 1)))
-        return (nb.shape[0] - 1, size + 1, c)
-    return (1, nb.shape[1] + 1, c)
-
-
-def _scratch(lattice, c: int, threads: int) -> np.ndarray:
-    rings = np.empty(_scratch_shape(lattice, c, threads), np.float32)
-    rings[:, -1] = 0.0                                # the absent neighbour's row
-    return rings
-
-
-def _blur(bufs, slabs, lattice, scratch, threads, reverse=False) -> None:
-    """Blur the splat slabs 0..slabs-1 of bufs (summed) into slab `slabs`: pipelined where
-    the lattice allows it (one thread), else pass by pass. Threads: slabs 1.. and the rows of
-    slab 0 that its pixel block does not write are left zero for the next splat."""
-    nb = lattice._nb
-    if threads > 1:
-        _blur_parallel(bufs, slabs, scratch[0], nb, reverse, 4 * threads,
-                       lattice.first_new(threads))
-    elif lattice.pipelined:
-        _blur_pipe(bufs, nb, lattice._window, scratch, reverse)
-    else:
-        _blur_plain(bufs, scratch[0], nb, reverse)
-
-
-def _filter(values, lattice, splat_weight, slice_weight, reverse=False):
-    """The lattice filter of values (N, C) float32 (one thread): splat, blur, slice."""
-    vertex, nb = lattice._vertex, lattice._nb
-    m, c = nb.shape[1], values.shape[1]
-    bufs = np.zeros((2, m + 1, c), np.float32)
-    _splat(values, vertex, splat_weight, bufs[0])
-    _blur(bufs, 1, lattice, _scratch(lattice, c, 1), 1, reverse)
-    out = np.empty_like(values)
-    _slice(bufs[1], vertex, slice_weight, out)
-    return out
 
 
 # ------------------------------------------------------------------------------- the mean field
@@ -702,7 +275,6 @@ def _neg_unary(unary, cp):
             for l in range(c):
                 out[p, l] = mins[p - p0] - unary[l, p]
     return out
-
 
 # ------------------------------------------------------------------------------------ interface
 
