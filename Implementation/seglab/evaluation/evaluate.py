@@ -24,15 +24,11 @@ Outputs, all in one folder (default: `<run>/eval_<split>/` beside the checkpoint
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Subset
 from tqdm import tqdm
 
@@ -43,18 +39,15 @@ from seglab.data.registry import eval_dataset, resolve_num_classes
 from seglab.data.transforms import EvalTransform
 from seglab.densecrf.params import CRFParams, crf_params_from_config, is_torch_backend
 from seglab.densecrf.runner import CRFJob, CRFStream
-from seglab.evaluation.logit_cache import LogitCacheError, cache_path, load_logits, save_logits
+from seglab.atomic import write_json
+from seglab.evaluation.logit_cache import (CACHE_KEYS, cache_path, cached_indices,
+                                           load_logits, prepare_cache, save_logits)
 from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator, format_table
 from seglab.inference.predictor import Predictor
 from seglab.deploy import load_predictor  # .onnx files (export.py) run through OnnxPredictor
 from seglab.models.resize import full_resolution_logits
 from seglab.recipe import explicit_recipe
 from seglab.weights.provenance import warn_if_trained_on
-
-CACHE_INFO = "cache.json"
-CACHE_KEYS = ("identity", "msc_scales", "interp", "norm", "precision", "mode", "pad_to",
-              "num_classes", "flip", "msc_fusion")
-
 
 class EvaluationError(RuntimeError):
     """Evaluation could not produce complete scores (e.g. the CRF failed on some images)."""
@@ -127,72 +120,6 @@ def default_out_dir(checkpoint, split: str) -> Path:
     parent = Path(checkpoint).resolve().parent
     run = parent.parent if parent.name == "checkpoints" else parent
     return run / f"eval_{split}"
-
-
-def json_safe(value):
-    """NaN/inf -> None and numpy scalars -> Python, so the JSON is strict."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_json(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-    return path
-
-
-def prepare_cache(cache_dir: Path, key: dict, recompute: bool) -> None:
-    """Keep the cached logits only if cache.json says the same settings made them; otherwise
-    (or with recompute) delete them and write the new cache.json."""
-    info = cache_dir / CACHE_INFO
-    old = None
-    if info.is_file():
-        try:
-            old = json.loads(info.read_text())
-        except ValueError:
-            old = None
-    stale = list(cache_dir.glob("*.npz"))
-    if old != key or recompute:
-        if stale:
-            why = ("--recompute" if recompute else
-                   "it was made by another checkpoint or other settings" if old else
-                   f"it has no readable {CACHE_INFO}")
-            print(f"logit cache {cache_dir}: recomputing {len(stale)} files ({why})",
-                  file=sys.stderr)
-            for p in stale:
-                p.unlink()
-        write_json(info, key)
-
-
-def cached_indices(dataset, indices, cache_dir: Path, mode: str = "voc") -> set:
-    """The images whose cache file is readable and for an image of its label's size (else the
-    data set changed under the cache)."""
-    cached = set()
-    for i in indices:
-        path = cache_path(cache_dir, dataset.ids[i])
-        if not path.is_file():
-            continue
-        try:
-            _, _, size = load_logits(path)
-        except LogitCacheError as e:
-            print(f"{e} Recomputing it.", file=sys.stderr)
-            continue
-        with Image.open(dataset.label_path(i)) as label_file:
-            label_size = protocol_size(mode, (label_file.height, label_file.width))
-        if size == label_size:
-            cached.add(i)
-        else:
-            print(f"cached logits {path} are for a {size[0]}x{size[1]} image but the label "
-                  f"{dataset.label_path(i)} is {label_size[0]}x{label_size[1]}: recomputing",
-                  file=sys.stderr)
-    return cached
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,16 +9,28 @@ About 180 kB per VOC image (21 x 65 x 65 x 2 bytes). Files are written atomicall
 then rename), so an interrupted run never leaves half a file behind.
 
 `seglab.models.resize.full_resolution_logits` turns cached logits into full-resolution scores.
+
+Beside the files, `cache.json` records what made them (CACHE_KEYS: checkpoint identity, scales,
+resizing, normalisation, precision, protocol, ...): `prepare_cache` keeps a cache only when the
+same settings made it, and `cached_indices` re-checks each file against its image's size.
 """
 from __future__ import annotations
 
+import json
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from seglab.atomic import atomic_output
+from seglab.atomic import atomic_output, write_json
+from seglab.data.protocols import protocol_size
+
+CACHE_INFO = "cache.json"
+CACHE_KEYS = ("identity", "msc_scales", "interp", "norm", "precision", "mode", "pad_to",
+              "num_classes", "flip", "msc_fusion")
 
 
 class LogitCacheError(RuntimeError):
@@ -79,3 +91,50 @@ def load_logits(path) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         raise LogitCacheError(f"corrupt logit cache file {path} ({type(e).__name__}: {e}). "
                               "Delete it and run evaluate.py again to recompute it.") from e
     return torch.from_numpy(logits.astype(np.float32)), input_size, size
+
+
+def prepare_cache(cache_dir: Path, key: dict, recompute: bool) -> None:
+    """Keep the cached logits only if cache.json says the same settings made them; otherwise
+    (or with recompute) delete them and write the new cache.json."""
+    info = cache_dir / CACHE_INFO
+    old = None
+    if info.is_file():
+        try:
+            old = json.loads(info.read_text())
+        except ValueError:
+            old = None
+    stale = list(cache_dir.glob("*.npz"))
+    if old != key or recompute:
+        if stale:
+            why = ("--recompute" if recompute else
+                   "it was made by another checkpoint or other settings" if old else
+                   f"it has no readable {CACHE_INFO}")
+            print(f"logit cache {cache_dir}: recomputing {len(stale)} files ({why})",
+                  file=sys.stderr)
+            for p in stale:
+                p.unlink()
+        write_json(info, key)
+
+
+def cached_indices(dataset, indices, cache_dir: Path, mode: str = "voc") -> set:
+    """The images whose cache file is readable and for an image of its label's size (else the
+    data set changed under the cache)."""
+    cached = set()
+    for i in indices:
+        path = cache_path(cache_dir, dataset.ids[i])
+        if not path.is_file():
+            continue
+        try:
+            _, _, size = load_logits(path)
+        except LogitCacheError as e:
+            print(f"{e} Recomputing it.", file=sys.stderr)
+            continue
+        with Image.open(dataset.label_path(i)) as label_file:
+            label_size = protocol_size(mode, (label_file.height, label_file.width))
+        if size == label_size:
+            cached.add(i)
+        else:
+            print(f"cached logits {path} are for a {size[0]}x{size[1]} image but the label "
+                  f"{dataset.label_path(i)} is {label_size[0]}x{label_size[1]}: recomputing",
+                  file=sys.stderr)
+    return cached

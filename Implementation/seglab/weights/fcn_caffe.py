@@ -25,7 +25,6 @@ scoring it on VOC 2012 val warns.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch

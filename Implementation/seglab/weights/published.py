@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from seglab.checkpoint import atomic_save, load_checkpoint, sha256
 from seglab.models import build_model
-from seglab.models.resnet import DEPTHS, caffe_block_names
+from seglab.models.resnet import caffe_block_names
 from seglab.weights.deeplabv2_arch import ASPP_RATES, infer_arch
 from seglab.weights.common import (ConversionError, add_num_batches_tracked, blocks_per_stage,
                                    load_torch_state, merge_into)

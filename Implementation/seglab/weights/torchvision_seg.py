@@ -41,7 +41,6 @@ try:  # numpy 2 (numpy 1 calls the module numpy.core)
 except ImportError:  # pragma: no cover
     from numpy.core.multiarray import scalar as numpy_scalar
 
-from seglab.checkpoint import FORMATS_READ
 from seglab.models import ARCHITECTURES, build_model, class_dependent, normalize_arch
 from seglab.weights.common import (ConversionError, add_num_batches_tracked, blocks_per_stage,
                                    load_across_classes, load_torch_state)
