@@ -244,6 +244,8 @@ def crf_loss(cfg: dict, loss, device):
 def teacher(cfg: dict, net, dataset, device):
     """(lambda_o, classes, frozen teacher) when this run distils from its class-mapped init
     (training/distill.py), else None."""
+    if cfg["train"]["distill"] == 0:       # resolved off (train.py): no checkpoint to read
+        return None
     weight, classes = plan_distillation(cfg, dataset, init_checkpoint(cfg))
     if weight <= 0:
         return None
