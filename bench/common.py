@@ -181,21 +181,13 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-_LEGACY = object()
-
-
-def write_report(settings: dict, machine: dict, rows=_LEGACY, summary: dict | None = None,
-                 out=None) -> dict:
+def write_report(settings: dict, machine: dict, rows: list, summary: dict | None,
+                 out) -> dict:
     """Write the results JSON: {"settings": what was run (arguments, sizes, parameters),
     "machine": machine() (finished here if the script did not), "rows": one entry per row of
     the printed table, with every repetition, "summary": what is computed across rows}.
-    Returns the report. The old two-argument form, write_report(report, out), still writes
-    `report` as it is: crf_learn_real.py and finetune_real.py use it until they move over."""
-    if rows is _LEGACY:
-        report, out = settings, machine
-    else:
-        report = {"settings": settings, "machine": finish(machine), "rows": rows,
-                  "summary": summary}
+    Returns the report."""
+    report = {"settings": settings, "machine": finish(machine), "rows": rows, "summary": summary}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")

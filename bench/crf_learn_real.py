@@ -16,7 +16,7 @@ with and without checkpointing the iterations. Results: bench/results/crf_learn_
 """
 from __future__ import annotations
 
-from common import ROOT, write_report  # noqa: E402  (also puts Implementation/ on sys.path)
+from common import ROOT, machine, write_report  # noqa: E402  (also puts Implementation/ on sys.path)
 import argparse
 import json
 import os
@@ -132,6 +132,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--only", choices=("search", "potts", "full"), nargs="+",
                    default=["search", "potts", "full"], help="the runs to make (default: all)")
     args = p.parse_args(argv)
+    info = machine()
     report = {"memory_backward_500x375_21_labels_10_iterations": [memory(True), memory(False)]}
     for m in report["memory_backward_500x375_21_labels_10_iterations"]:
         print(f"memory, checkpoint={m['checkpoint']}: peak RSS {m['peak_rss_mb']:.0f} MB "
@@ -178,17 +179,19 @@ def main(argv=None) -> dict | None:
                           load=[timing[name]["load_before"], timing[name]["load_after"]],
                           chosen=[c["params"] for c in data["chosen"]])
     learned_full = json.loads((args.work / "learn_full" / "learned.json").read_text())
-    report.update(images=20, rows=rows, learned_full_compat=learned_full,
+    report.update(learned_full_compat=learned_full,
                   learned_potts=json.loads((args.work / "learn_potts" / "learned.json")
-                                           .read_text()),
-                  cpu_count=os.cpu_count())
+                                           .read_text()))
     print(f"\n{'':<36}{'mIoU':>7}{'pix acc':>9}" + "".join(f"{'tri ' + str(w):>8}"
                                                           for w in TRIMAP) + f"{'wall s':>9}{'CPU s':>8}")
     for name, r in rows.items():
         tri = "".join(f"{100 * r['trimap'][w]:8.2f}" for w in TRIMAP)
         wall = f"{r['wall_s']:9.0f}{r['cpu_s'] or 0:8.0f}" if "wall_s" in r else ""
         print(f"{name:<36}{100 * r['miou']:7.2f}{100 * r['pixel_acc']:9.2f}{tri}{wall}")
-    return write_report(report, RESULTS)
+    settings = dict(voc=str(args.voc), tflite=str(args.tflite), images=20, folds=2,
+                    trimap=list(TRIMAP), only=args.only, reuse=args.reuse)
+    return write_report(settings, info, [dict(r, row=name) for name, r in rows.items()], report,
+                        RESULTS)
 
 
 if __name__ == "__main__":
