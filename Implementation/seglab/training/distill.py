@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from seglab.models import build_model
-from seglab.training.class_map import class_mapping, parse_class_map
-from seglab.training.init import TrainingError, load_init, stated_classes
+from seglab.training.init import TrainingError, init_mapping, load_init
 
 
 def distill_weight(cfg: dict, known: list[int]) -> float:
@@ -50,12 +49,8 @@ def known_classes(cfg: dict, dataset, ckpt: dict | None) -> list[int]:
     """The data set's classes whose classifier rows start from the init checkpoint's (equal
     names, or train.init_classes), in order; [] when nothing is mapped (another init, or the
     same classes as the checkpoint: a continuation, not a new task)."""
-    old = stated_classes(ckpt) if ckpt else None
-    new = list(getattr(dataset, "class_names", None) or [])
-    explicit = parse_class_map(cfg["train"]["init_classes"])
-    if old is None or not new or (new == old and not explicit):
-        return []
-    return sorted(class_mapping(new, old, explicit))
+    mapping = init_mapping(cfg, dataset, ckpt) if ckpt is not None else None
+    return sorted(mapping) if mapping else []
 
 
 def build_teacher(cfg: dict, arch: dict, dataset, device) -> torch.nn.Module:

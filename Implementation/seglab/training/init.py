@@ -110,10 +110,12 @@ def stated_classes(ckpt: dict) -> list[str] | None:
     return None
 
 
-def map_classes(net, ckpt: dict, fresh: dict, cfg: dict, dataset) -> str | None:
-    """Class-mapped initialisation (class_map.py) of the classifier rows of `net`, from the
-    init checkpoint's rows; `fresh` holds the classifier as the architecture initialised it.
-    Returns the log line listing the mapping, or None when there is nothing to map."""
+def init_mapping(cfg: dict, dataset, ckpt: dict) -> dict[int, list[int]] | None:
+    """{new class: [old classes]} of the class-mapped init from checkpoint `ckpt` (equal names,
+    then train.init_classes; class_map.py), or None when there is nothing to map: a side without
+    class names, or the checkpoint's own classes (a continuation). The one place the mapping is
+    decided: the classifier rows (map_classes), their groups (plan_class_groups) and what is
+    distilled (distill.py) all follow it."""
     t = cfg["train"]
     new_names = list(getattr(dataset, "class_names", None) or [])
     old_names = stated_classes(ckpt)
@@ -124,9 +126,20 @@ def map_classes(net, ckpt: dict, fresh: dict, cfg: dict, dataset) -> str | None:
                                 "names to map from")
         return None
     try:
-        mapping = class_mapping(new_names, old_names, explicit)
+        return class_mapping(new_names, old_names, explicit)
     except ValueError as e:
         raise TrainingError(str(e)) from None
+
+
+def map_classes(net, ckpt: dict, fresh: dict, cfg: dict, dataset) -> str | None:
+    """Class-mapped initialisation (class_map.py) of the classifier rows of `net`, from the
+    init checkpoint's rows; `fresh` holds the classifier as the architecture initialised it.
+    Returns the log line listing the mapping, or None when there is nothing to map."""
+    t = cfg["train"]
+    mapping = init_mapping(cfg, dataset, ckpt)
+    if mapping is None:
+        return None
+    new_names, old_names = list(dataset.class_names), stated_classes(ckpt)
     keys = [k for k in fresh if k in ckpt["model"]
             and ckpt["model"][k].shape[0] == len(old_names)]
     groups = net.arch.get("class_groups")
@@ -154,13 +167,9 @@ def plan_class_groups(cfg: dict, dataset, ckpt: dict | None = None) -> str | Non
     if t["init_union"] != "exact":
         return None
     ckpt = ckpt if ckpt is not None else init_checkpoint(cfg)
-    if ckpt is None or stated_classes(ckpt) is None:
+    mapping = init_mapping(cfg, dataset, ckpt) if ckpt is not None else None
+    if mapping is None:
         return None
-    try:
-        mapping = class_mapping(list(dataset.class_names), stated_classes(ckpt),
-                                parse_class_map(t["init_classes"]))
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
     groups = class_groups_of(mapping, len(dataset.class_names))
     if max(groups) == 1:
         return None
