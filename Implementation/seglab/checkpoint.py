@@ -70,10 +70,12 @@ def atomic_save(obj, path) -> Path:
     return path
 
 
-def safe_load(path, what: str = "checkpoint", map_location="cpu"):
+def safe_load(path, what: str = "checkpoint", map_location="cpu", mmap: bool = False):
     """torch.load(weights_only=True), with errors that say what is wrong in our words: an empty
     file, a file that is not a torch file, or one that holds pickled objects other than plain
-    tensors and data (refused: unpickling them could run code)."""
+    tensors and data (refused: unpickling them could run code). `mmap`: tensors stay in the
+    file until touched (reading a checkpoint's facts costs no weight I/O); a file of the legacy
+    format, which cannot be mapped, is read whole."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
@@ -82,6 +84,12 @@ def safe_load(path, what: str = "checkpoint", map_location="cpu"):
                               "cut short while being written or copied. Copy or download it "
                               "again.")
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = ("it holds pickled objects other than tensors and plain data, which this "
@@ -123,10 +131,11 @@ def label_facts(dataset: str | None, classes, colors) -> dict:
 VOC_LABELS = label_facts("voc", VOC_CLASSES, voc_palette()[:len(VOC_CLASSES)])
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load and validate one of our checkpoints (weights_only=True: no pickled code runs)."""
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load and validate one of our checkpoints (weights_only=True: no pickled code runs;
+    `mmap`: see safe_load)."""
     path = Path(path)
-    ckpt = safe_load(path, "checkpoint", map_location)
+    ckpt = safe_load(path, "checkpoint", map_location, mmap)
     if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS_READ:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no format={FORMAT!r} "
                               "field). "

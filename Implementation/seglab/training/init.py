@@ -32,12 +32,13 @@ class TrainingError(RuntimeError):
 
 
 def init_checkpoint(cfg: dict) -> dict | None:
-    """The checkpoint train.init names (its facts; the weights are read again by load_init), or
-    None for scratch / imagenet / a file that does not exist (load_init reports it)."""
+    """The facts of the checkpoint train.init names (memory-mapped: its weights are not read;
+    load_init reads them), or None for scratch / imagenet / a file that does not exist
+    (load_init reports it)."""
     init = str(cfg["train"]["init"])
     if init == "scratch" or init.startswith("imagenet") or not Path(init).is_file():
         return None
-    ckpt = load_checkpoint(init)
+    ckpt = load_checkpoint(init, mmap=True)
     return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}
 
 
