@@ -99,7 +99,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     how_to_get = ""                     # where the data set comes from
 
     def __init__(self, root, split: str, transform=None, num_classes: int | None = None):
-        self.root, self.split, self.transform = Path(root), split, transform
+        # every transform: (image, label, rng) -> (image, label); by default the
+        # Caffe-normalised full image
+        self.root, self.split = Path(root), split
+        self.transform = transform or EvalTransform(mode="full")
         self.num_classes = num_classes if num_classes is not None else len(self.classes)
         self.ids: list[str] = []
         self.list_path = self.root          # where the split's ids come from (list or folder)
@@ -219,8 +222,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = load_image(self._require(self.image_path(i), "image"))
         label = self.load_label(i, image.shape[:2])
         size = tuple(image.shape[:2])
-        transform = self.transform or EvalTransform(mode="full")
-        x, y = transform(image, label, np.random.default_rng(seed))
+        x, y = self.transform(image, label, np.random.default_rng(seed))
         return {"image": x, "label": y, "id": self.ids[i], "size": size}
 
 

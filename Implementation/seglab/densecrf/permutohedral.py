@@ -325,6 +325,19 @@ def _enclosing_simplex(f: Tensor):
     return rank, remainder0, bary
 
 
+def mixed_radix(radix: list[int]) -> tuple[int, list[int]]:
+    """(code range, strides) of vertex codes in mixed radix `radix` (the last coordinate the
+    fastest digit); too wide a range for int64 codes is a ValueError."""
+    r = math.prod(radix)
+    if r >= 2 ** 62:
+        raise ValueError(f"permutohedral lattice: features span too many lattice cells to index "
+                         f"({radix} per axis); use larger standard deviations")
+    strides = [1] * len(radix)
+    for i in range(len(radix) - 2, -1, -1):
+        strides[i] = strides[i + 1] * radix[i + 1]
+    return r, strides
+
+
 def _vertex_keys(rank: Tensor, remainder0: Tensor):
     """One integer code per simplex vertex within its class: codes (d+1, N), row k for vertex
     k of each point, and (R, strides, sum of strides), the code's layout.
@@ -339,13 +352,7 @@ def _vertex_keys(rank: Tensor, remainder0: Tensor):
     q0 = torch.div(remainder0[:d], d + 1, rounding_mode="floor")           # exact: multiples
     lo = q0.amin(1) - 2                              # margins: simplex -1, neighbour -1
     radix = (q0.amax(1) + 2 - lo).tolist()           # neighbour +1, one spare digit value
-    r = math.prod(radix)
-    if r >= 2 ** 62:
-        raise ValueError(f"permutohedral lattice: features span too many lattice cells to index "
-                         f"({radix} per axis); use larger standard deviations")
-    strides = [1] * d
-    for i in range(d - 2, -1, -1):
-        strides[i] = strides[i + 1] * radix[i + 1]
+    r, strides = mixed_radix(radix)
     code_type = torch.int32 if r <= _INT32_MAX else torch.long
     stride = torch.tensor(strides, dtype=code_type, device=dev)
     base = ((q0 - lo[:, None]).to(code_type) * stride[:, None]).sum(0, dtype=code_type)   # (N,)

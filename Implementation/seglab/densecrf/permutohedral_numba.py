@@ -54,6 +54,7 @@ from torch import Tensor
 from seglab.densecrf.numba_filter import (_AHEAD_PIXELS, _PIPE_WINDOW, _blur, _filter,
                                           _prefetch_row, _scratch_shape, _window)
 from seglab.densecrf.numba_lattice import _neighbours, _simplices, _vertices
+from seglab.densecrf.permutohedral import mixed_radix
 
 try:
     import numba
@@ -319,13 +320,7 @@ class NumbaLattice:
         # vertices lie within d of the remainder-0 point, their blur neighbours within d more)
         lo = lo - 2 * d
         radix = [int(h) - int(l) + 1 + 2 * d for h, l in zip(hi, lo)]
-        code_range = math.prod(radix)
-        if code_range >= 2 ** 62:
-            raise ValueError(f"permutohedral lattice: features span too many lattice cells to "
-                             f"index ({radix} per axis); use larger standard deviations")
-        strides = [1] * d
-        for i in range(d - 2, -1, -1):
-            strides[i] = strides[i + 1] * radix[i + 1]
+        code_range, strides = mixed_radix(radix)
         strides = np.array(strides, np.int64)
         direct = code_range <= max(4 * n * (d + 1), 1 << 16)
         vertex, codes, direct_table, table, bits = _vertices(

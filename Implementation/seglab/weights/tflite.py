@@ -359,7 +359,8 @@ def convert(args) -> dict:
     except ValueError as e:
         raise ConversionError(f"{args.input}: {e}") from None
     state_dict, dropped = graph_to_state_dict(graph, net, args.input)
-    release, trained_on, known = RELEASES.get(sha256(args.input),
+    digest = sha256(args.input)
+    release, trained_on, known = RELEASES.get(digest,
                                               (None, None, "unknown: not one of the releases "
                                                "this converter knows; pass --trained-on"))
     facts = dict(release=release, trained_on_note=known, **describe_input(graph),
@@ -367,4 +368,5 @@ def convert(args) -> dict:
                  is not None)
     print(f"{args.input}: {facts}")
     return dict(arch=arch, state_dict=state_dict, filled=len(state_dict), skipped=[],
-                dropped=dropped, missing=[], provenance=facts, trained_on=trained_on)
+                dropped=dropped, missing=[], provenance=facts, trained_on=trained_on,
+                sha256=digest)
