@@ -32,11 +32,21 @@ from an init whose classifier is new: nothing to distil). `train.distill_tempera
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from seglab.models import build_model
-from seglab.training.init import TrainingError, init_mapping, load_init
+from seglab.training.init import TrainingError, init_checkpoint, init_mapping, load_init
+
+
+class Distillation(NamedTuple):
+    """What a distilling run adds to its loss: weight x the term over `classes`."""
+    weight: float
+    classes: list[int]
+    teacher: torch.nn.Module
+    temperature: float
 
 
 def distill_weight(cfg: dict, known: list[int]) -> float:
@@ -89,16 +99,30 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, classes: lis
     return temperature ** 2 * kl.flatten(1).mean(1).mean()
 
 
-def with_distillation(loss, teacher, classes: list[int], temperature: float, weight: float):
+def with_distillation(loss, d: Distillation):
     """(outputs, label, image) -> the loss plus weight x the distillation term, whose value
     becomes one more part (Step logs weight x part, so the logged total is the trained one)."""
     def total(outputs, label, image):
         value, parts = loss(outputs, label, image)
         with torch.no_grad():
-            target = main_output(teacher(image))
-        d = distillation_loss(main_output(outputs), target, classes, temperature)
-        return value + weight * d, list(parts) + [d]
+            target = main_output(d.teacher(image))
+        term = distillation_loss(main_output(outputs), target, d.classes, d.temperature)
+        return value + d.weight * term, list(parts) + [term]
     return total
+
+
+def distillation(cfg: dict, net, dataset, device) -> Distillation | None:
+    """This run's distillation from its class-mapped init (rebuilt the same way at resume), or
+    None when it does not distil."""
+    if cfg["train"]["distill"] == 0:       # resolved off (train.py): no checkpoint to read
+        return None
+    weight, classes = plan_distillation(cfg, dataset, init_checkpoint(cfg))
+    if weight <= 0:
+        return None
+    teacher = build_teacher(cfg, net.arch, dataset, device)
+    if cfg["train"]["channels_last"] and device.type == "cuda":
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return Distillation(weight, classes, teacher, cfg["train"]["distill_temperature"])
 
 
 def plan_distillation(cfg: dict, dataset, ckpt: dict | None) -> tuple[float, list[int]]:

@@ -30,8 +30,8 @@ from seglab.device import bf16_supported, select_device
 from seglab.models import architecture, build_model, param_groups
 from seglab.models.msc import MSC
 from seglab.training.distributed import setup_distributed
-from seglab.training.distill import build_teacher, plan_distillation, with_distillation
-from seglab.training.init import TrainingError, init_checkpoint, load_init
+from seglab.training.distill import distillation, with_distillation
+from seglab.training.init import TrainingError, load_init
 from seglab.training.loss import loss_names, loss_weights, training_loss
 from seglab.training.schedule import set_poly_lr
 from seglab.training.state import FINAL, save_training_checkpoint, set_rng_state
@@ -152,7 +152,7 @@ def train(cfg: dict, run_dir: Path, dataset, resume: dict | None = None,
     batches = train_loader(dataset, t["batch_per_step"], t["seed"],
                            start=start * t["effective_batch"], num_workers=cfg["data"]["workers"],
                            rank=rank, world_size=world)
-    distill = teacher(cfg, net, dataset, device)
+    distill = distillation(cfg, net, dataset, device)
     names = loss_names(spec, cfg["model"]["msc_scales"]) + (
         ["crf"] if cfg["model"].get("crf_layer") else []) + (["distill"] if distill else [])
     log = watch = None
@@ -241,20 +241,6 @@ def crf_loss(cfg: dict, loss, device):
     return total
 
 
-def teacher(cfg: dict, net, dataset, device):
-    """(lambda_o, classes, frozen teacher) when this run distils from its class-mapped init
-    (training/distill.py), else None."""
-    if cfg["train"]["distill"] == 0:       # resolved off (train.py): no checkpoint to read
-        return None
-    weight, classes = plan_distillation(cfg, dataset, init_checkpoint(cfg))
-    if weight <= 0:
-        return None
-    network = build_teacher(cfg, net.arch, dataset, device)
-    if cfg["train"]["channels_last"] and device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last)
-    return weight, classes, network
-
-
 class Step:
     """One SGD iteration over its micro-batches (gradient accumulation); returns (the weighted
     total loss, the loss of each output as a float64 tensor), averaged over micro-batches and
@@ -270,14 +256,13 @@ class Step:
         crf = cfg["model"].get("crf_layer")
         extra = int(bool(crf)) + int(distill is not None)   # parts after the network's own
         network = loss_weights(spec, names[:len(names) - extra], t["aux_weight"])
-        weights = network + ([1.0] if crf else []) + ([distill[0]] if distill else [])
+        weights = network + ([1.0] if crf else []) + ([distill.weight] if distill else [])
         loss = lambda outputs, y, x: training_loss(  # noqa: E731
             outputs, y, spec, t["loss_targets"], cfg["model"]["interp"], network)
         if crf:
             loss = crf_loss(cfg, loss, device)
-        if distill:   # (weight, classes, teacher): training/distill.py
-            loss = with_distillation(loss, distill[2], distill[1], t["distill_temperature"],
-                                     distill[0])
+        if distill:   # training/distill.py
+            loss = with_distillation(loss, distill)
         self.loss, self.names = loss, names
         self.weights = torch.tensor(weights, dtype=torch.float64)
 
