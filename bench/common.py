@@ -14,9 +14,10 @@ PYTHONPATH). It provides:
                            v2 ResNet-101 with random weights and BN statistics
 Paths: ROOT (the checkout), REAL (../shared/real: the real models and VOC images).
 
-Results files written before 2026-12-06 (those bench/results/*.json the README cites) keep the
-layout their script had then (each its own keys, e.g. `load_average_at_start`,
-`load_average_start` or `load_at_start`); files written from then on have the schema above.
+Every bench/results/*.json has the four top-level keys above. Files measured before 2026-12-06
+were reshaped into them with every value the run's own, so their `machine` keeps the keys that
+run recorded (e.g. `load_average_start` or `load_at_start` for `load_average_at_start`); files
+written by the scripts from then on have `machine()`'s schema.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ Rows (scored on the 10 val images, the model's own recipe: one scale, VOC protoc
   ... fresh rows         the same without --init-class: the classes whose names the VOC model
                          knows start from its rows, `animal` from a fresh init
 Each row is scored without and with the dense CRF (the paper's parameters). The files live in
---work (a temporary folder by default), never in the repository.
+--work (by default a temporary folder, removed at the end), never in the repository.
 Results: bench/results/finetune_real.json.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from seglab.checkpoint import atomic_save, label_facts, load_checkpoint, make_checkpoint
@@ -167,7 +168,7 @@ def fine_tune(mnv2: Path, root: Path, run: Path, init_classes, *extra) -> dict:
     seconds = script(args, log=run.parent / f"{run.name}.log")
     plain = json.loads((run / "eval_val" / "scores.json").read_text())
     crf = json.loads((run / "eval_val" / "scores_crf.json").read_text())
-    cfg = __import__("yaml").safe_load((run / "config.yaml").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
     return {"miou": plain["miou"], "crf_miou": crf["miou"], "iou": plain["iou"],
             "crf_iou": crf["iou"], "seconds": round(seconds, 1),
             "iterations": cfg["train"]["iterations"], "command": " ".join(args)}
@@ -184,8 +185,15 @@ def main(argv=None) -> int:
     if not TFLITE.is_file() or not VOC.is_dir():
         print(f"skipped: needs {TFLITE} and {VOC} (this project's shared real data)")
         return 0
-    work = Path(args.work or tempfile.mkdtemp(prefix="finetune_real_"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        return measure(args, Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="finetune_real_") as work:   # ~300 MB per set
+        return measure(args, Path(work))
+
+
+def measure(args, work: Path) -> int:
+    """Every row of every set, printed as a table and written to RESULTS."""
     mnv2 = work / "mnv2.pth"
     if not mnv2.is_file():
         script(["convert.py", "tflite", str(TFLITE), str(mnv2)])

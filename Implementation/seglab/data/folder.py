@@ -17,6 +17,7 @@ images later never moves the old ones) and checks every sample.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,6 @@ def images_without_masks(root) -> list[str]:
 
 def warn_unlabelled(root, shown: int = 10) -> list[str]:
     """Print (stderr) the images that have no mask and so take part in no split."""
-    import sys
     names = images_without_masks(root)
     if names:
         print(f"note: {len(names)} image(s) in {Path(root) / 'images'} have no mask in "

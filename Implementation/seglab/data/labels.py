@@ -15,6 +15,7 @@ object borders and unclear regions; 255 is ignored by the loss and the metrics.
 """
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,6 @@ def distinct_palette(count: int) -> np.ndarray:
     """(count, 3) uint8 colours for classes that come without a colour table: golden-ratio steps
     of hue at alternating value and saturation, so neighbours in the list differ clearly and no
     two of the first 64 are alike; class 0 is black, as VOC's background."""
-    import colorsys
     colors = np.zeros((count, 3), np.uint8)
     for k in range(1, count):
         hue = (k * 0.6180339887) % 1.0

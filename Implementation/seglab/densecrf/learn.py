@@ -33,6 +33,7 @@ from seglab.densecrf.params import CRFParams
 from seglab.densecrf.search import pick_subset
 from seglab.densecrf.torch_crf import (DifferentiableKernel, kernel_features,
                                        mean_field_differentiable)
+from seglab.evaluation.metrics import ConfusionMatrix
 
 # The outer grid over the bandwidths (they change the lattice, so they are not learned): the
 # paper's theta_alpha range 30..100 at three points, its theta_beta range 3..6 at two, and
@@ -72,20 +73,6 @@ def load_fit_image(image_id: str, image_path, logits_path, gt_path, scale: int =
     image, unary = load_crf_inputs(image_path, logits_path, interp, mode)
     label = protocol_label(mode, load_label(gt_path, num_classes=unary.shape[0]))
     return prepare(image_id, image, unary, label, scale)
-
-
-def confusion_counts(pred: torch.Tensor, labels: torch.Tensor, c: int) -> torch.Tensor:
-    valid = labels != IGNORE
-    return torch.bincount(labels[valid] * c + pred[valid], minlength=c * c).reshape(c, c)
-
-
-def miou(confusion: torch.Tensor) -> float:
-    """Mean IoU over the classes that occur (in the labels or the predictions)."""
-    cm = confusion.double()
-    tp = cm.diag()
-    union = cm.sum(0) + cm.sum(1) - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean()) if bool(present.any()) else math.nan
 
 
 class Setting(NamedTuple):
@@ -206,14 +193,14 @@ def evaluate_fit(batches, weights, compat, iterations: int, num_classes: int):
     """(mean loss, pooled mIoU) of the current parameters on prepared batches, no gradients."""
     if not batches:
         return math.nan, math.nan
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    cm = ConfusionMatrix(num_classes)
     total = 0.0
     with torch.no_grad():
         for batch in batches:
             log_q = _forward(batch, weights, compat, iterations, False)
             total += float(batch_loss(log_q, batch))
-            cm += confusion_counts(_predict(log_q, batch), batch.global_labels, num_classes)
-    return total, miou(cm)
+            cm.update(_predict(log_q, batch), batch.global_labels)
+    return total, cm.scores()["miou"]
 
 
 def fit_setting(train: list[FitImage], setting: Setting, start: CRFParams, opts: FitOptions,
@@ -246,7 +233,7 @@ def fit_setting(train: list[FitImage], setting: Setting, start: CRFParams, opts:
             fit_loss, fit_miou = evaluate_fit(prepared, weights, mu, start.iterations, c)
         else:
             optimizer.zero_grad(set_to_none=True)
-            cm = torch.zeros(c, c, dtype=torch.long)
+            cm = ConfusionMatrix(c)
             fit_loss = 0.0
             for batch in prepared:                  # one graph per batch: bounded memory
                 weights, mu = current()
@@ -256,8 +243,8 @@ def fit_setting(train: list[FitImage], setting: Setting, start: CRFParams, opts:
                 if mu is not None and opts.compat_l2:
                     loss = loss + opts.compat_l2 * (mu - potts).square().mean() / len(prepared)
                 loss.backward()
-                cm += confusion_counts(_predict(log_q.detach(), batch), batch.global_labels, c)
-            fit_miou = miou(cm)
+                cm.update(_predict(log_q.detach(), batch), batch.global_labels)
+            fit_miou = cm.scores()["miou"]
         val_miou = math.nan
         if val_prepared and (step % opts.eval_every == 0 or step == opts.steps):
             val_miou = evaluate_fit(val_prepared, *(t if t is None else t.detach()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from seglab.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from seglab.config import ConfigError, load_config
+from seglab.config import ConfigError, arch_from_config, load_config
 from seglab.data.labels import load_label
 from seglab.data.voc import VOCSegmentation
 from seglab.densecrf.dense_crf import import_pydensecrf
@@ -62,8 +62,7 @@ class Run:
         config was resolved before saving) is resolved as training resolves it."""
         value = self.config["model"][key]
         if value is None or value == "auto":
-            arch = dict(self.config["model"]["arch"], name=self.config["model"]["name"],
-                        num_classes=self.config["data"]["num_classes"] or 21)
+            arch = dict(arch_from_config(self.config), num_classes=self.num_classes)
             value = resolve_recipe(explicit_recipe(self.config), None, arch)[0][key]
         return value
 

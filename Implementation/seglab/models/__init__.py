@@ -8,6 +8,9 @@ before architectures had names still load) through the plain dict `ARCHITECTURES
 """
 from __future__ import annotations
 
+import functools
+import json
+
 import torch
 import torch.nn as nn
 
@@ -103,8 +106,14 @@ def build_model(arch: dict | None = None) -> nn.Module:
 def class_dependent(arch: dict) -> set[str]:
     """The state_dict keys of `arch` whose shapes change with num_classes: its classifier.
     Built twice on the meta device (no memory, no init cost); on CPU if a build needs data.
-    With class_groups, rows (not classes) set the shapes."""
-    arch = dict(normalize_arch(arch))
+    With class_groups, rows (not classes) set the shapes. Remembered per normalised arch: a
+    training start asks for the same network's several times (init, teacher, loader)."""
+    return set(_class_dependent(json.dumps(normalize_arch(arch), sort_keys=True, default=str)))
+
+
+@functools.lru_cache(maxsize=32)
+def _class_dependent(normalised: str) -> frozenset:
+    arch = json.loads(normalised)
     groups = arch.pop("class_groups", None)
     if groups:
         arch["num_classes"] = sum(groups)
@@ -118,7 +127,7 @@ def class_dependent(arch: dict) -> set[str]:
             net = build_model(spec)
         return {k: tuple(v.shape) for k, v in net.state_dict().items()}
     a, b = shapes(arch["num_classes"]), shapes(arch["num_classes"] + 1)
-    return {k for k in a if a[k] != b.get(k)}
+    return frozenset(k for k in a if a[k] != b.get(k))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

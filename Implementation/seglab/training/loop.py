@@ -26,13 +26,15 @@ from seglab.checkpoint import check_arch, label_facts
 from seglab.config import arch_from_config
 from seglab.data.images import DataError
 from seglab.data.loaders import train_loader
+from seglab.densecrf.layer import DenseCRFLayer, denormalize
+from seglab.densecrf.params import crf_params_from_config
 from seglab.device import bf16_supported, select_device
 from seglab.models import architecture, build_model, param_groups
 from seglab.models.msc import MSC
 from seglab.training.distributed import setup_distributed
 from seglab.training.distill import distillation, with_distillation
 from seglab.training.init import TrainingError, load_init
-from seglab.training.loss import loss_names, loss_weights, training_loss
+from seglab.training.loss import crf_training_loss, loss_names, loss_weights, training_loss
 from seglab.training.schedule import set_poly_lr
 from seglab.training.state import FINAL, save_training_checkpoint, set_rng_state
 from seglab.training.watch import Watch
@@ -224,15 +226,10 @@ def crf_loss(cfg: dict, loss, device):
     """model.crf_layer: (outputs, label, normalised image) -> the default loss plus the
     cross-entropy of the dense CRF's marginals (loss.crf_training_loss), its parts plus the
     CRF's. The CRF's parameters come from the crf section (e.g. crf.params = a `crf.py learn`
-    result) and stay fixed; the raw image is the batch's, denormalised (data.norm)."""
-    from seglab.data.transforms import NORMS
-    from seglab.densecrf.layer import DenseCRFLayer, denormalize
-    from seglab.densecrf.params import crf_params_from_config
-    from seglab.training.loss import crf_training_loss
+    result) and stay fixed; the raw image is the batch's, denormalised (data.norm, resolved by
+    train.py's recipe before training)."""
     layer = DenseCRFLayer(crf_params_from_config(cfg["crf"]), learn_weights=False).to(device)
     norm = cfg["data"]["norm"]
-    if norm not in NORMS:
-        norm = architecture(cfg["model"]["name"]).input_norm
 
     def total(outputs, label, image):
         value, parts = loss(outputs, label, image)

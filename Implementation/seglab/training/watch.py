@@ -33,7 +33,11 @@ import numpy as np
 import torch
 import yaml
 
+from seglab.data.images import DataError, load_image
 from seglab.data.labels import IGNORE, full_palette
+from seglab.data.registry import dataset_class
+from seglab.evaluation.evaluate import EvalSettings, evaluate
+from seglab.inference.predictor import Predictor
 from seglab.models import unwrap
 
 
@@ -87,7 +91,6 @@ class Watch:
     def predictor(self, model):
         """The network as it is now, ready for inference with the run's recipe (a copy: the
         model being trained is untouched)."""
-        from seglab.inference.predictor import Predictor
         m, e = self.cfg["model"], self.cfg["eval"]
         return Predictor(unwrap(model), device=self.device, msc_scales=tuple(m["msc_scales"]),
                          interp=m["interp"], norm=self.cfg["data"]["norm"],
@@ -96,8 +99,6 @@ class Watch:
     def panel_images(self):
         """The fixed preview panel: (id, RGB image, label) of the first val images."""
         if self._panel is None:
-            from seglab.data.images import load_image
-            from seglab.data.registry import dataset_class
             d = self.cfg["data"]
             ds = dataset_class(d["dataset"])(d["root"], d["val_split"],
                                              num_classes=d["num_classes"])
@@ -110,7 +111,7 @@ class Watch:
         """image | ground truth | prediction for each panel image, in the data set's colours."""
         try:
             panel = self.panel_images()
-        except Exception as e:  # no val split: say so once, keep training
+        except (DataError, OSError) as e:  # no val split: say so once, keep training
             print(f"note: no preview panel ({e})", file=sys.stderr)
             self.preview_every = 0
             return
@@ -125,7 +126,6 @@ class Watch:
 
     def validate(self, it: int, model) -> float:
         """mIoU of the network as it is now on the val split (or its first train.val_images)."""
-        from seglab.evaluation.evaluate import EvalSettings, evaluate
         settings = EvalSettings.from_config(self.cfg)
         settings.crf, settings.save_predictions, settings.recompute = False, False, True
         settings.limit = self.cfg["train"]["val_images"] or None

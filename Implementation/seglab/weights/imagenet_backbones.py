@@ -32,8 +32,7 @@ from seglab.data.registry import dataset_class
 from seglab.models import ARCHITECTURES, architecture, build_model, normalize_arch
 from seglab.models.backbones import DENSENETS, RESNETS
 from seglab.weights.common import (ConversionError, add_num_batches_tracked, blocks_per_stage,
-                                   load_torch_state,
-                                   merge_into)
+                                   load_torch_state, merge_into)
 
 # The input normalisation the weights expect (checkpoint `input_norm`): torchvision's ImageNet
 # training: RGB 0..1, ImageNet mean/std.

@@ -45,9 +45,6 @@ from seglab.models import ARCHITECTURES, build_model, class_dependent, normalize
 from seglab.weights.common import (ConversionError, add_num_batches_tracked, blocks_per_stage,
                                    load_across_classes, load_torch_state)
 
-# Plain data that training scripts put next to the weights: numpy scalars (VainF's best_score,
-# pickled by numpy 1 or 2, whose names differ), argparse.Namespace (torchvision's reference
-# `args`).
 # How torchvision measures its published numbers: references/segmentation/train.py --test-only
 # resizes image and label so that the shorter side is 520, normalises with ImageNet's mean/std
 # and runs one scale (our `torchvision` protocol, seglab/data/protocols.py).
@@ -58,6 +55,9 @@ LABELS = {21: "voc"}    # a COCO subset with the 20 VOC categories
 # The input normalisation the weights expect (checkpoint `input_norm`): torchvision's references:
 # RGB 0..1, ImageNet mean/std.
 INPUT_NORM = "imagenet"
+# Plain data that training scripts put next to the weights: numpy scalars (VainF's best_score,
+# pickled by numpy 1 or 2, whose names differ), argparse.Namespace (torchvision's reference
+# `args`).
 SAFE_GLOBALS = [(numpy_scalar, "numpy.core.multiarray.scalar"),
                 (numpy_scalar, "numpy._core.multiarray.scalar"), np.dtype, argparse.Namespace] + [
     getattr(np.dtypes, t) for t in ("Float64DType", "Float32DType", "Int64DType")
