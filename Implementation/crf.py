@@ -44,7 +44,7 @@ from seglab.densecrf.params import (BACKENDS, PAPER_GRID, CRFParams, crf_params_
 from seglab.densecrf.runner import CRFFailure, CRFJob, run_crf
 from seglab.densecrf.search import (best_setting, cross_validate, params_of, pick_subset,
                                    score_grid, search, search_grid)
-from seglab.evaluation.logit_cache import LogitCacheError, cache_path, cached_ids
+from seglab.data.logit_cache import LogitCacheError, cache_path, cached_ids
 from seglab.recipe import PAPER
 
 EXPECTED = (ConfigError, DataError, LogitCacheError, FileNotFoundError, ValueError, ImportError,
@@ -212,7 +212,7 @@ def cmd_learn(args, cfg: dict) -> int:
     from tqdm import tqdm
     from seglab.densecrf import learn
     from seglab.densecrf.search import pooled
-    from seglab.evaluation.metrics import ConfusionMatrix
+    from seglab.data.metrics import ConfusionMatrix
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")

@@ -22,7 +22,7 @@ from seglab.data.images import DataError
 from seglab.densecrf.params import BACKENDS
 from seglab.device import DeviceError
 from seglab.evaluation.evaluate import EvalSettings, EvaluationError, evaluate
-from seglab.evaluation.logit_cache import LogitCacheError
+from seglab.data.logit_cache import LogitCacheError
 from seglab.data.transforms import NORMS
 
 EXPECTED = (CheckpointError, ConfigError, DataError, DeviceError, EvaluationError,

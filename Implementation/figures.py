@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from seglab.checkpoint import CheckpointError
 from seglab.data.labels import DataError
-from seglab.evaluation.logit_cache import LogitCacheError
+from seglab.data.logit_cache import LogitCacheError
 from seglab.figures import atrous, crf, msc, network, real, scores, training
 from seglab.figures.run import ROOT, FigureError, default_run, load_run
 

@@ -8,7 +8,7 @@ Generates VOC-size test data in a temp folder: `--images` crops of 500x375 (W x 
 VOC landscape size) from matplotlib's sample photo (a real photograph, so the bilateral lattice
 is as busy as on VOC images), with cached logits as evaluate.py writes them: 21 classes at 1/8
 resolution (65x65) of the 513x513 padded input, a blurred noisy one-hot of a few regions
-(seglab/evaluation/logit_cache.py's format). The photo and its crops: common.source_photo and
+(seglab/data/logit_cache.py's format). The photo and its crops: common.source_photo and
 common.photo_crops.
 
 For each backend it measures
@@ -43,7 +43,7 @@ from scipy import ndimage
 from seglab.densecrf.dense_crf import DenseCRF, load_crf_inputs
 from seglab.densecrf.params import CRFParams
 from seglab.densecrf.runner import CRFJob, run_crf
-from seglab.evaluation.logit_cache import save_logits
+from seglab.data.logit_cache import save_logits
 
 H, W, NUM_CLASSES, PAD = 375, 500, 21, 513
 RESULTS = Path(__file__).resolve().parent / "results" / "crf.json"

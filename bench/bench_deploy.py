@@ -70,7 +70,7 @@ from seglab.deploy.onnx_export import export_onnx
 from seglab.deploy.onnx_file import read_metadata
 from seglab.deploy.quantize import METHODS, CalibrationCrops, quantize_onnx, quantize_pt2e
 from seglab.deploy.runtime import OnnxPredictor
-from seglab.evaluation.metrics import ConfusionMatrix
+from seglab.data.metrics import ConfusionMatrix
 from seglab.inference.predictor import Predictor
 
 TFLITE = REAL / "models" / "deeplabv3_mnv2_pascal_quant.tflite"

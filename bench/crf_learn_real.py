@@ -102,8 +102,8 @@ def held_out_scores(voc_root: Path, cache: Path, chosen: list[dict]) -> dict:
     parameters (pydensecrf, full resolution)."""
     from seglab.densecrf.params import CRFParams
     from seglab.densecrf.runner import CRFJob, run_crf
-    from seglab.evaluation.logit_cache import cache_path
-    from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator
+    from seglab.data.logit_cache import cache_path
+    from seglab.data.metrics import ConfusionMatrix, TrimapEvaluator
     cm, tri = ConfusionMatrix(21), TrimapEvaluator(TRIMAP, 21)
     for fold in chosen:
         jobs = [CRFJob(i, str(voc_root / "JPEGImages" / f"{i}.jpg"), str(cache_path(cache, i)),

@@ -54,7 +54,7 @@ from seglab.data.transforms import TrainTransform
 from seglab.densecrf.dense_crf import DenseCRF
 from seglab.densecrf.params import CRFParams
 from seglab.evaluation.evaluate import EvalSettings, evaluate
-from seglab.evaluation.metrics import ConfusionMatrix
+from seglab.data.metrics import ConfusionMatrix
 from seglab.inference.predictor import Predictor
 from seglab.models import build_model
 from seglab.training.init import load_init, plan_class_groups

@@ -36,7 +36,7 @@ from pathlib import Path
 from seglab.densecrf.runner import CRFJob
 from seglab.densecrf.search import cross_validate, score_grid, search_grid
 from seglab.evaluation.evaluate import EvalSettings, evaluate
-from seglab.evaluation.logit_cache import cache_path
+from seglab.data.logit_cache import cache_path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "real_stage_two.json"
 TRIMAP = (1, 2, 4, 8, 16, 32)

@@ -51,7 +51,7 @@ def test_the_readme_block_runs_as_written(demo_folder, monkeypatch, capsys):
     assert out[3].startswith("['background'")
     # the scores it prints are evaluate.py's for the same image (a second way)
     import seglab
-    from seglab.evaluation.metrics import ConfusionMatrix
+    from seglab.data.metrics import ConfusionMatrix
     from PIL import Image
     predictor = seglab.load("runs/demo/checkpoints/final.pth", device="cpu")
     voc = Path("data/demo/VOCdevkit/VOC2012")

@@ -21,9 +21,9 @@ from seglab.densecrf.dense_crf import DenseCRF, load_crf_inputs, unary_from_logi
 from seglab.densecrf.params import CRFParams
 from seglab.densecrf.runner import CRFJob, run_crf
 from seglab.densecrf.search import pick_subset, search_grid
-from seglab.evaluation.logit_cache import load_logits, save_logits
+from seglab.data.logit_cache import load_logits, save_logits
 from seglab.models.resize import full_resolution_logits
-from seglab.evaluation.metrics import ConfusionMatrix, boundary_mask, trimap_band
+from seglab.data.metrics import ConfusionMatrix, boundary_mask, trimap_band
 
 try:
     import pydensecrf.densecrf as dcrf

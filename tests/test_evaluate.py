@@ -14,7 +14,7 @@ from seglab.inference import predictor as inference
 from seglab.checkpoint import atomic_save, make_checkpoint
 from seglab.data.demo import make_demo_dataset
 from seglab.data.images import load_image
-from seglab.evaluation.logit_cache import load_logits
+from seglab.data.logit_cache import load_logits
 from seglab.models.deeplabv2 import DeepLabV2
 
 NUM_CLASSES = 5
@@ -216,7 +216,7 @@ def test_cache_for_an_image_of_another_size_is_recomputed(tmp_path, checkpoint, 
     first = run(checkpoint, data_root, out)
     path = out / "logits" / "val_0000.npz"
     logits, _, _ = load_logits(path)
-    from seglab.evaluation.logit_cache import save_logits
+    from seglab.data.logit_cache import save_logits
     save_logits(path, logits, (65, 65), (40, 64))  # as if the image had been 40 rows high
     again = run(checkpoint, data_root, out)
     assert len(count_forwards) == 4 and "recomputing" in capsys.readouterr().err

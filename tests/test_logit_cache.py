@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from seglab.evaluation.logit_cache import LogitCacheError, cache_path, cached_ids, load_logits, save_logits
+from seglab.data.logit_cache import LogitCacheError, cache_path, cached_ids, load_logits, save_logits
 from seglab.models.resize import full_resolution_logits
 
 

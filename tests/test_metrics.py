@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator, boundary_mask, format_table, trimap_band
+from seglab.data.metrics import ConfusionMatrix, TrimapEvaluator, boundary_mask, format_table, trimap_band
 
 
 def random_pair(rng, shape=(23, 31), num_classes=6, void_fraction=0.15, block=1):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image, ImageOps
 
@@ -13,14 +12,13 @@ import datasets
 import evaluate
 import infer
 import train
-from seglab.checkpoint import atomic_save, label_set, load_checkpoint, make_checkpoint
+from seglab.checkpoint import load_checkpoint, make_checkpoint
 from seglab.config import load_config
 from seglab.data.images import DataError, load_image
 from seglab.data.labels import VOC_CLASSES, voc_palette
 from seglab.data.protocols import PROTOCOLS
 from seglab.data.registry import DATASETS, resolve_num_classes
 from seglab.inference.predictor import Predictor
-from seglab.models import build_model
 from seglab.models.msc import MSC
 from seglab.recipe import PAPER, RECIPE_FIELDS, describe, explicit_recipe, resolve_recipe
 from seglab.weights import caffe, fcn_caffe, published, tflite, torchvision_seg, vainf

@@ -25,7 +25,7 @@ from seglab.data.demo import make_demo_dataset
 from seglab.data.images import DataError, load_image
 from seglab.densecrf.params import CRFParams
 from seglab.device import DeviceError, select_device
-from seglab.evaluation.logit_cache import save_logits
+from seglab.data.logit_cache import save_logits
 from seglab.models.deeplabv2 import DeepLabV2
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,12 +8,13 @@ scripts in Implementation/.
 
   data/        images and labels, the data sets behind one interface (VOC + SBD train_aug,
                Cityscapes, COCO-Stuff, ADE20K, your own folder, the synthetic demo), transforms,
-               evaluation protocols, loaders, the up-front split check
+               evaluation protocols and their scores (metrics), loaders, the up-front split
+               check, the logit cache (the network's outputs on disk, read by stage two)
   models/      the architectures behind one seam (spec.py), MSC, the resizing conventions, the
                exact inference rewrites of their modules (rewrites.py)
   training/    the loss, the poly schedule, the training loop, init weights (class-mapped
                from a checkpoint's classes), distillation from that init, resumable state
-  evaluation/  metrics, the logit cache, the evaluation of a model on a split
+  evaluation/  the evaluation of a model on a split (network pass, scores, CRF), the baseline
   densecrf/    stage two: the fully connected CRF (pydensecrf and a pure-PyTorch lattice),
                its parallel runner and its parameter search
   inference/   the Predictor, batch inference on files, overlays

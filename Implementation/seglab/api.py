@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from seglab.evaluation.metrics import ConfusionMatrix
+from seglab.data.metrics import ConfusionMatrix
 from seglab.models import ARCHITECTURES
 
 

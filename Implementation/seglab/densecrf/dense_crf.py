@@ -18,7 +18,7 @@ from seglab.data.images import load_image
 from seglab.data.protocols import protocol_image
 from seglab.densecrf import torch_crf
 from seglab.densecrf.params import BACKENDS, NORMALIZATIONS, CRFParams, is_torch_backend
-from seglab.evaluation.logit_cache import load_logits
+from seglab.data.logit_cache import load_logits
 from seglab.models.resize import full_resolution_logits
 
 PROB_CLIP = 1e-5

@@ -33,7 +33,7 @@ from seglab.densecrf.params import CRFParams
 from seglab.densecrf.search import pick_subset
 from seglab.densecrf.torch_crf import (DifferentiableKernel, kernel_features,
                                        mean_field_differentiable)
-from seglab.evaluation.metrics import ConfusionMatrix
+from seglab.data.metrics import ConfusionMatrix
 
 # The outer grid over the bandwidths (they change the lattice, so they are not learned): the
 # paper's theta_alpha range 30..100 at three points, its theta_beta range 3..6 at two, and

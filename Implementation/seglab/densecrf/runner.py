@@ -22,7 +22,7 @@ from seglab.data.labels import load_label, save_label_png
 from seglab.data.protocols import protocol_label
 from seglab.densecrf.dense_crf import DenseCRF, load_crf_inputs, resolve_backend
 from seglab.densecrf.params import CRFParams, is_torch_backend
-from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator
+from seglab.data.metrics import ConfusionMatrix, TrimapEvaluator
 
 
 class CRFJob(NamedTuple):

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from seglab.densecrf.params import PAPER_GRID, CRFParams
 from seglab.densecrf.runner import CRFFailure, CRFJob, iter_crf
-from seglab.evaluation.metrics import ConfusionMatrix
+from seglab.data.metrics import ConfusionMatrix
 
 
 def search_grid(bi_w=PAPER_GRID["bi_w"], bi_xy_std=PAPER_GRID["bi_xy_std"],

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from seglab.data.registry import dataset_class
-from seglab.evaluation.metrics import ConfusionMatrix
+from seglab.data.metrics import ConfusionMatrix
 
 
 def background_baseline(cfg: dict) -> float:

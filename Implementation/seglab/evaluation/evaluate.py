@@ -7,11 +7,11 @@ DeepLab v2's: each image is padded bottom/right to 513 with the mean colour (`ev
 larger image to the next size the output stride divides), goes through the network (MSC: scales
 1, 0.75, 0.5, max-fused), and its logits are upsampled to the padded size (Caffe Interp) and
 cropped back to the image; `eval.mode=full` feeds the unpadded image instead. Scores come from
-one confusion matrix over the whole split (metrics.py); class names and colours are the
+one confusion matrix over the whole split (seglab/data/metrics.py); class names and colours are the
 checkpoint's.
 
 Outputs, all in one folder (default: `<run>/eval_<split>/` beside the checkpoint):
-  logits/<id>.npz      the network's logits, float16 at the output stride (logit_cache.py); the
+  logits/<id>.npz      the network's logits, float16 at the output stride (data/logit_cache.py); the
                        CRF, the CRF search and later runs reuse them instead of recomputing
   logits/cache.json    what made them (checkpoint sha256, MSC scales, resize, input
                        normalisation, precision, protocol): a cache made otherwise is recomputed
@@ -40,9 +40,9 @@ from seglab.data.transforms import EvalTransform
 from seglab.densecrf.params import CRFParams, crf_params_from_config, is_torch_backend
 from seglab.densecrf.runner import CRFJob, CRFStream
 from seglab.atomic import write_json
-from seglab.evaluation.logit_cache import (CACHE_KEYS, cache_path, cached_indices,
+from seglab.data.logit_cache import (CACHE_KEYS, cache_path, cached_indices,
                                            load_logits, prepare_cache, save_logits)
-from seglab.evaluation.metrics import ConfusionMatrix, TrimapEvaluator, format_table
+from seglab.data.metrics import ConfusionMatrix, TrimapEvaluator, format_table
 from seglab.inference.predictor import Predictor
 from seglab.deploy import load_predictor  # .onnx files (export.py) run through OnnxPredictor
 from seglab.models.resize import full_resolution_logits

@@ -23,7 +23,7 @@ from seglab.data.labels import load_label
 from seglab.data.voc import VOCSegmentation
 from seglab.densecrf.dense_crf import import_pydensecrf
 from seglab.densecrf.params import CRFParams
-from seglab.evaluation.logit_cache import LogitCacheError, cache_path, cached_ids, load_logits
+from seglab.data.logit_cache import LogitCacheError, cache_path, cached_ids, load_logits
 from seglab.models import build_model
 from seglab.models.resize import full_resolution_logits
 from seglab.recipe import explicit_recipe, resolve_recipe

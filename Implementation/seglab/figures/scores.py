@@ -15,7 +15,7 @@ import numpy as np
 
 from seglab.data.labels import IGNORE, voc_palette
 from seglab.densecrf.runner import CRFJob, run_crf
-from seglab.evaluation.metrics import TrimapEvaluator, trimap_band
+from seglab.data.metrics import TrimapEvaluator, trimap_band
 from seglab.figures.run import FigureError, Run, cached_full_logits, label_of
 from seglab.figures.style import WIDTH, class_name, colourise, save, set_style, show_row
 
